@@ -1,0 +1,97 @@
+"""Sampling with the recurrent cache: one prefill over the prompt, then O(1) work per new token."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 means no top-k filter), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Set to -inf every logit outside the top-k and outside the nucleus of mass top_p. logits (b, V)."""
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = torch.softmax(sorted_logits.float(), dim=-1).cumsum(-1)
+        # Drop a token when the mass before it already reaches top_p; the most likely token always stays.
+        drop_sorted = (cum - torch.softmax(sorted_logits.float(), dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next_token(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """logits (b, V) -> token ids (b,). Greedy (argmax) when temperature is 0."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A seeded generator on `device`, or None (the global RNG) when seed is None."""
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | None = None,
+    seed: int | None = None,
+    attention_mask: Tensor | None = None,
+) -> Tensor:
+    """Continue each prompt of `input_ids` (b, l) by up to `max_new_tokens` tokens.
+
+    Prompts of different lengths are left-padded with `attention_mask` (b, l) marking real tokens. A
+    sequence that emitted `eos_token_id` is padded with it afterwards; generation stops when all have.
+    Returns (b, l + new) token ids, prompts included.
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling_args(temperature, top_k, top_p)
+    model.check_input_ids(input_ids)
+    device = input_ids.device
+    generator = make_generator(seed, device)
+    cache = model.allocate_cache(input_ids.size(0), device=device)
+    logits = model(input_ids, cache=cache, attention_mask=attention_mask)[:, -1]
+    vocab = model.config.vocab_size  # never sample the padding rows of the embedding
+    out = [input_ids]
+    finished = torch.zeros(input_ids.size(0), dtype=torch.bool, device=device)
+    for i in range(max_new_tokens):
+        token = sample_next_token(logits[:, :vocab], temperature, top_k, top_p, generator)
+        if eos_token_id is not None:
+            token = token.masked_fill(finished, eos_token_id)
+            finished |= token == eos_token_id
+        out.append(token[:, None])
+        if (eos_token_id is not None and bool(finished.all())) or i == max_new_tokens - 1:
+            break
+        logits = model.step(token, cache)
+    return torch.cat(out, dim=1)

@@ -1,0 +1,292 @@
+"""The Mamba-2 language model with the state-spaces parameter layout, so real Mamba-2 weights load key for key.
+
+    Mamba2LM
+      backbone.embedding                      (vocab, d_model)
+      backbone.layers.N.norm                  RMSNorm
+      backbone.layers.N.mixer.in_proj         d_model -> [z | xBC | dt]
+      backbone.layers.N.mixer.conv1d          depthwise causal conv over xBC
+      backbone.layers.N.mixer.{dt_bias, A_log, D}
+      backbone.layers.N.mixer.norm            gated RMSNorm (per group)
+      backbone.layers.N.mixer.out_proj        d_inner -> d_model
+      backbone.norm_f                         RMSNorm
+      lm_head                                 (tied to the embedding or not)
+
+`forward` runs whole sequences (training, prefill); `step` runs one token against a `Mamba2Cache`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops import load_backend, resolve_backend_name
+from .cache import Mamba2Cache
+from .config import Mamba2Config
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        cdt = torch.promote_types(x.dtype, torch.float32)
+        return F.rms_norm(x.to(cdt), (x.size(-1),), self.weight.to(cdt), self.eps).to(self.weight.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """Holds the weight of mamba_ssm's RMSNormGated; the computation is the backend's `gated_rmsnorm`."""
+
+    def __init__(self, d: int, group_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.group_size = group_size
+        self.weight = nn.Parameter(torch.ones(d))
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config: Mamba2Config, layer_idx: int, kernels: ModuleType):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.kernels = kernels
+        c = config
+        self.in_proj = nn.Linear(c.d_model, c.d_in_proj, bias=c.bias)
+        self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.d_conv, groups=c.conv_dim, padding=c.d_conv - 1,
+                                bias=c.conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(c.nheads))
+        self.A_log = nn.Parameter(torch.empty(c.nheads))
+        self.D = nn.Parameter(torch.ones(c.nheads))
+        self.norm = GatedRMSNorm(c.d_inner, group_size=c.d_inner // c.ngroups, eps=c.norm_eps)
+        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
+
+    def _project_in(self, u: Tensor, task: str | None) -> tuple[Tensor, Tensor, Tensor]:
+        # `task` selects a task-specific LoRA route when in_proj carries one (OmniMamba, section 3.4).
+        zxbcdt = self.in_proj(u) if task is None else self.in_proj(u, task=task)
+        c = self.config
+        return torch.split(zxbcdt, [c.d_inner, c.conv_dim, c.nheads], dim=-1)
+
+    def _dt(self, dt: Tensor) -> Tensor:
+        dt = F.softplus(dt.to(torch.promote_types(dt.dtype, torch.float32)) + self.dt_bias)
+        lo, hi = self.config.dt_limit
+        return dt if (lo, hi) == (0.0, math.inf) else dt.clamp(lo, hi)
+
+    def _split_xbc(self, xBC: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        c = self.config
+        gn = c.ngroups * c.d_state
+        return torch.split(xBC, [c.d_inner, gn, gn], dim=-1)
+
+    def forward(
+        self, u: Tensor, cache: Mamba2Cache | None = None, mask: Tensor | None = None, task: str | None = None
+    ) -> Tensor:
+        """u (b, l, d_model) -> (b, l, d_model). With a cache, continue from and update its state.
+
+        mask (b, l), 1 for real tokens and 0 for left padding: padded positions feed zeros to the conv and
+        have dt = 0, so the state they leave behind is exactly that of an unpadded sequence.
+        """
+        c, k = self.config, self.kernels
+        b, l, _ = u.shape
+        z, xBC, dt = self._project_in(u, task)
+        if mask is not None:
+            xBC = xBC * mask[..., None].to(xBC.dtype)
+        resume = cache is not None and cache.seqlen_offset > 0
+        conv_in = cache.conv[self.layer_idx] if resume else None
+        ssm_in = cache.ssm[self.layer_idx] if resume else None
+        xBC, conv_state = k.causal_conv(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_in)
+        x, B, C = self._split_xbc(xBC)
+        dt = self._dt(dt)
+        if mask is not None:
+            dt = dt * mask[..., None].to(dt.dtype)
+        A = -torch.exp(self.A_log.float())
+        y, ssm_state = k.ssd_chunked(
+            x.reshape(b, l, c.nheads, c.headdim), dt, A,
+            B.reshape(b, l, c.ngroups, c.d_state), C.reshape(b, l, c.ngroups, c.d_state),
+            c.chunk_size, D=self.D, initial_state=ssm_in,
+        )
+        if cache is not None:
+            cache.conv[self.layer_idx].copy_(conv_state)
+            cache.ssm[self.layer_idx].copy_(ssm_state)
+        y = k.gated_rmsnorm(y.reshape(b, l, c.d_inner), z, self.norm.weight, self.norm.eps, self.norm.group_size)
+        return self.out_proj(y)
+
+    def step(self, u: Tensor, cache: Mamba2Cache, task: str | None = None) -> Tensor:
+        """One token: u (b, d_model) -> (b, d_model); updates the cache's state of this layer in place."""
+        c, k = self.config, self.kernels
+        b = u.size(0)
+        z, xBC, dt = self._project_in(u, task)
+        xBC = k.conv_step(cache.conv[self.layer_idx], xBC, self.conv1d.weight[:, 0], self.conv1d.bias)
+        x, B, C = self._split_xbc(xBC)
+        A = -torch.exp(self.A_log.float())
+        y = k.ssd_step(
+            cache.ssm[self.layer_idx], x.reshape(b, c.nheads, c.headdim), self._dt(dt), A,
+            B.reshape(b, c.ngroups, c.d_state), C.reshape(b, c.ngroups, c.d_state), D=self.D,
+        )
+        y = k.gated_rmsnorm(y.reshape(b, c.d_inner), z, self.norm.weight, self.norm.eps, self.norm.group_size)
+        return self.out_proj(y)
+
+
+class Mamba2Block(nn.Module):
+    """Pre-norm residual block, carrying the residual stream separately (mamba_ssm's `Block`)."""
+
+    def __init__(self, config: Mamba2Config, layer_idx: int, kernels: ModuleType):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mixer = Mamba2Mixer(config, layer_idx, kernels)
+
+    def _add_and_norm(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        residual = hidden if residual is None else residual + hidden
+        normed = self.norm(residual)
+        if self.residual_in_fp32:
+            residual = residual.float()
+        return normed, residual
+
+    def forward(self, hidden, residual, cache=None, mask=None, task=None) -> tuple[Tensor, Tensor]:
+        normed, residual = self._add_and_norm(hidden, residual)
+        return self.mixer(normed, cache=cache, mask=mask, task=task), residual
+
+    def step(self, hidden, residual, cache, task=None) -> tuple[Tensor, Tensor]:
+        normed, residual = self._add_and_norm(hidden, residual)
+        return self.mixer.step(normed, cache, task=task), residual
+
+
+class Mamba2Backbone(nn.Module):
+    def __init__(self, config: Mamba2Config, kernels: ModuleType):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Mamba2Block(config, i, kernels) for i in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model, config.norm_eps)
+
+    def forward(
+        self, inputs_embeds: Tensor, cache: Mamba2Cache | None = None, mask: Tensor | None = None,
+        task: str | None = None,
+    ) -> Tensor:
+        """inputs_embeds (b, l, d_model) -> final hidden states (b, l, d_model)."""
+        hidden, residual = inputs_embeds, None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, cache=cache, mask=mask, task=task)
+        out = self.norm_f(residual + hidden)
+        if cache is not None:
+            cache.seqlen_offset += inputs_embeds.size(1)
+        return out
+
+    def step(self, inputs_embeds: Tensor, cache: Mamba2Cache, task: str | None = None) -> Tensor:
+        """inputs_embeds (b, d_model) -> final hidden state (b, d_model); advances the cache by one."""
+        hidden, residual = inputs_embeds, None
+        for layer in self.layers:
+            hidden, residual = layer.step(hidden, residual, cache, task=task)
+        cache.seqlen_offset += 1
+        return self.norm_f(residual + hidden)
+
+
+class Mamba2LM(nn.Module):
+    """Mamba-2 language model: backbone + LM head. See the module docstring for the parameter layout."""
+
+    def __init__(self, config: Mamba2Config, backend: str = "auto"):
+        super().__init__()
+        self.config = config
+        self.backend = resolve_backend_name(backend)
+        kernels = load_backend(self.backend)
+        self.backbone = Mamba2Backbone(config, kernels)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        self.reset_parameters()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    # --- set-up -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """mamba_ssm's initialisation: dt log-uniform in [dt_min, dt_max], A uniform in A_init_range,
+        embeddings N(0, 0.02), out_proj rescaled by 1/sqrt(n_layer) (GPT-2's prenorm-residual rule)."""
+        c = self.config
+        nn.init.normal_(self.backbone.embedding.weight, std=0.02, generator=generator)
+        if not c.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=0.02, generator=generator)
+        for layer in self.backbone.layers:
+            m = layer.mixer
+            for lin in (m.in_proj, m.out_proj):
+                nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5), generator=generator)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+            m.out_proj.weight /= math.sqrt(c.n_layer)
+            bound = 1 / math.sqrt(c.d_conv)
+            nn.init.uniform_(m.conv1d.weight, -bound, bound, generator=generator)
+            if m.conv1d.bias is not None:
+                nn.init.uniform_(m.conv1d.bias, -bound, bound, generator=generator)
+            u = torch.rand(c.nheads, generator=generator)
+            dt = torch.exp(u * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+            dt = dt.clamp(min=c.dt_init_floor)
+            m.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            lo, hi = c.A_init_range
+            m.A_log.copy_(torch.log(torch.empty(c.nheads).uniform_(lo, hi, generator=generator)))
+            m.D.fill_(1.0)
+            m.norm.weight.fill_(1.0)
+            layer.norm.weight.fill_(1.0)
+        self.backbone.norm_f.weight.fill_(1.0)
+
+    def set_backend(self, backend: str) -> None:
+        """Switch every mixer to another kernel backend ('auto', 'reference', ...)."""
+        self.backend = resolve_backend_name(backend)
+        kernels = load_backend(self.backend)
+        for layer in self.backbone.layers:
+            layer.mixer.kernels = kernels
+
+    def allocate_cache(self, batch_size: int, device=None, dtype=None) -> Mamba2Cache:
+        p = self.lm_head.weight
+        return Mamba2Cache.empty(self.config, batch_size, device or p.device, dtype or p.dtype)
+
+    # --- input checks -----------------------------------------------------------------------------------
+    def check_input_ids(self, input_ids: Tensor) -> None:
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.numel() == 0 or (input_ids.dim() >= 2 and input_ids.size(-1) == 0):
+            raise ValueError("input_ids is empty: give at least one token (e.g. a BOS token) to condition on")
+        vocab = self.backbone.embedding.num_embeddings
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is out of range for a vocabulary of {vocab} (valid: 0..{vocab - 1})")
+
+    # --- compute ----------------------------------------------------------------------------------------
+    def forward(
+        self, input_ids: Tensor, cache: Mamba2Cache | None = None, attention_mask: Tensor | None = None
+    ) -> Tensor:
+        """input_ids (b, l) -> logits (b, l, padded_vocab). attention_mask (b, l): 0 marks left padding."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+        self.check_input_ids(input_ids)
+        hidden = self.backbone(self.backbone.embedding(input_ids), cache=cache, mask=attention_mask)
+        return self.lm_head(hidden)
+
+    def step(self, input_ids: Tensor, cache: Mamba2Cache) -> Tensor:
+        """input_ids (b,) -> next-token logits (b, padded_vocab); O(1) in the sequence length."""
+        self.check_input_ids(input_ids)
+        return self.lm_head(self.backbone.step(self.backbone.embedding(input_ids), cache))
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
+        """Sample a continuation; see `omnimamba.generation.generate` for the options."""
+        from ..generation import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, backend: str = "auto", dtype: torch.dtype | None = None) -> "Mamba2LM":
+        """Load a local directory in the state-spaces or the transformers `Mamba2ForCausalLM` format."""
+        from .checkpoint import load_mamba2
+
+        return load_mamba2(path, backend=backend, dtype=dtype)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write config.json (state-spaces format) and model.safetensors (state-spaces key names)."""
+        from .checkpoint import save_mamba2
+
+        save_mamba2(self, path)

@@ -1,0 +1,161 @@
+"""Pure-PyTorch reference kernels for Mamba-2. This file is the spec every fast backend must match.
+
+Shapes: b batch, l length, h heads, p head dim, g groups (h % g == 0), n state size, c channels, k conv width.
+The SSD recurrence (Mamba-2 paper, eq. 1 with scalar A per head):
+    state_t = exp(dt_t * A) * state_{t-1} + dt_t * x_t ⊗ B_t        (state: (h, p, n))
+    y_t     = state_t · C_t + D * x_t
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # The scan accumulates over the whole sequence: never below float32, float64 stays float64.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _segsum(x: Tensor) -> Tensor:
+    """(..., T) -> (..., T, T) with out[i, j] = x[j+1] + ... + x[i] for i >= j and -inf above the diagonal.
+
+    Built from masked cumulative sums rather than differences of one cumsum, which loses precision.
+    """
+    T = x.size(-1)
+    x = x[..., None].expand(*x.shape, T)  # x[..., i, j] = x_i
+    below = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=-1)
+    x = x.masked_fill(~below, 0)
+    out = torch.cumsum(x, dim=-2)
+    on_or_below = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=0)
+    return out.masked_fill(~on_or_below, float("-inf"))
+
+
+def _heads_from_groups(t: Tensor, nheads: int, dim: int) -> Tensor:
+    # B and C are shared by the h/g heads of a group (grouped-value layout of mamba_ssm).
+    return t.repeat_interleave(nheads // t.size(dim), dim=dim)
+
+
+def ssd_chunked(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    D: Tensor | None = None,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Chunked SSD scan (the "minimal" algorithm of the Mamba-2 paper, section 6).
+
+    x (b, l, h, p); dt (b, l, h) already softplus'ed and biased; A (h,) negative; B, C (b, l, g, n);
+    D (h,); initial_state (b, h, p, n). Returns y (b, l, h, p) in x's dtype and the final state
+    (b, h, p, n) in float32 (float64 for float64 input).
+    """
+    b, l, h, p = x.shape
+    cdt = _compute_dtype(x.dtype)
+    out_dtype = x.dtype
+    x_in = x
+    pad = (-l) % chunk_size
+    # Padded steps have dt = 0: no decay and no input, so the final state is exact.
+    x, dt, B, C = (F.pad(t.to(cdt), (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    B = _heads_from_groups(B, h, dim=2)
+    C = _heads_from_groups(C, h, dim=2)
+    nc = x.size(1) // chunk_size
+
+    def chunks(t: Tensor) -> Tensor:
+        return t.reshape(b, nc, chunk_size, *t.shape[2:])
+
+    x, dt, B, C = chunks(x), chunks(dt), chunks(B), chunks(C)
+    xdt = x * dt[..., None]
+    Adt = (dt * A.to(cdt)).permute(0, 3, 1, 2)  # (b, h, c, cs)
+    A_cum = torch.cumsum(Adt, dim=-1)
+
+    # 1. within each chunk: the quadratic (attention-like) form.
+    L = torch.exp(_segsum(Adt))  # (b, h, c, cs, cs)
+    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, L, xdt)
+
+    # 2. the state each chunk contributes at its end.
+    decay_to_end = torch.exp(A_cum[..., -1:] - A_cum)  # (b, h, c, cs)
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_to_end, xdt)
+
+    # 3. pass states across chunk boundaries (a recurrence over nc + 1 chunk states).
+    if initial_state is None:
+        initial_state = torch.zeros(b, h, p, B.size(-1), dtype=cdt, device=x.device)
+    states = torch.cat([initial_state.to(cdt)[:, None], states], dim=1)
+    decay_chunk = torch.exp(_segsum(F.pad(A_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
+    states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)
+    states, final_state = states[:, :-1], states[:, -1]
+
+    # 4. the contribution of the state entering each chunk to that chunk's outputs.
+    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, torch.exp(A_cum))
+
+    y = (y_diag + y_off).reshape(b, nc * chunk_size, h, p)[:, :l]
+    if D is not None:
+        y = y + D.to(cdt)[:, None] * x_in.to(cdt)
+    return y.to(out_dtype), final_state
+
+
+def ssd_step(
+    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None
+) -> Tensor:
+    """One step of the recurrence; updates `state` (b, h, p, n) in place.
+
+    x (b, h, p); dt (b, h) already softplus'ed and biased; B, C (b, g, n). Returns y (b, h, p) in x's dtype.
+    """
+    h = x.size(1)
+    cdt = state.dtype
+    dt = dt.to(cdt)
+    B = _heads_from_groups(B, h, dim=1).to(cdt)
+    C = _heads_from_groups(C, h, dim=1).to(cdt)
+    xc = x.to(cdt)
+    decay = torch.exp(dt * A.to(cdt))
+    state.mul_(decay[..., None, None]).add_(torch.einsum("bh,bhp,bhn->bhpn", dt, xc, B))
+    y = torch.einsum("bhpn,bhn->bhp", state, C)
+    if D is not None:
+        y = y + D.to(cdt)[:, None] * xc
+    return y.to(x.dtype)
+
+
+def causal_conv(
+    x: Tensor, weight: Tensor, bias: Tensor | None, initial_state: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Depthwise causal conv1d + SiLU over the sequence.
+
+    x (b, l, c); weight (c, k); bias (c,); initial_state (b, c, k): the last k inputs seen before x
+    (zeros at the start). Returns the activated output (b, l, c) and the new state (b, c, k).
+    """
+    k = weight.size(-1)
+    xt = x.transpose(1, 2)  # (b, c, l)
+    if initial_state is None:
+        context = F.pad(xt, (k - 1, 0))
+    else:
+        context = torch.cat([initial_state[..., 1:].to(xt.dtype), xt], dim=-1)
+    bias = bias.to(xt.dtype) if bias is not None else None
+    out = F.conv1d(context, weight[:, None, :].to(xt.dtype), bias, groups=weight.size(0))
+    full = torch.cat([initial_state.to(xt.dtype), xt], dim=-1) if initial_state is not None else F.pad(xt, (k, 0))
+    return F.silu(out).transpose(1, 2), full[..., -k:].contiguous()
+
+
+def conv_step(state: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """One step of the causal conv + SiLU; shifts `state` (b, c, k) in place. x (b, c) -> (b, c)."""
+    state.copy_(torch.roll(state, shifts=-1, dims=-1))
+    state[..., -1] = x.to(state.dtype)
+    out = torch.einsum("bck,ck->bc", state, weight.to(state.dtype))
+    if bias is not None:
+        out = out + bias.to(state.dtype)
+    return F.silu(out).to(x.dtype)
+
+
+def gated_rmsnorm(x: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int) -> Tensor:
+    """RMSNorm(x * SiLU(z)) normalised per group of `group_size` channels, times weight.
+
+    mamba_ssm's RMSNormGated with norm_before_gate=False. x, z (..., d); weight (d,).
+    """
+    dtype = x.dtype
+    cdt = _compute_dtype(dtype)
+    h = x.to(cdt) * F.silu(z.to(cdt))
+    grouped = h.unflatten(-1, (h.size(-1) // group_size, group_size))
+    grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+    return (grouped.flatten(-2) * weight.to(cdt)).to(dtype)

@@ -1,0 +1,110 @@
+"""The chunked SSD scan and the causal conv against their step-by-step recurrences (the spec's two forms)."""
+
+import pytest
+import torch
+
+from omnimamba.ops import load_backend, resolve_backend_name
+from omnimamba.ops import reference as ref
+
+
+def random_ssd_inputs(b, l, h, p, g, n, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    x = r(b, l, h, p)
+    dt = torch.nn.functional.softplus(r(b, l, h) - 2)
+    A = -torch.exp(r(h) * 0.5)
+    B, C = r(b, l, g, n), r(b, l, g, n)
+    D = r(h)
+    return x, dt, A, B, C, D
+
+
+def stepped(x, dt, A, B, C, D, initial_state=None):
+    b, l, h, p = x.shape
+    n = B.size(-1)
+    state = torch.zeros(b, h, p, n, dtype=torch.promote_types(x.dtype, torch.float32))
+    if initial_state is not None:
+        state.copy_(initial_state)
+    ys = [ref.ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D) for t in range(l)]
+    return torch.stack(ys, dim=1), state
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("chunk_size", [1, 4, 16, 64])
+@pytest.mark.parametrize("l,g", [(37, 1), (64, 2), (5, 4)])
+def test_chunked_scan_equals_recurrence(dtype, tol, chunk_size, l, g):
+    x, dt, A, B, C, D = random_ssd_inputs(2, l, 4, 8, g, 6, dtype)
+    y_chunk, s_chunk = ref.ssd_chunked(x, dt, A, B, C, chunk_size, D=D)
+    y_step, s_step = stepped(x, dt, A, B, C, D)
+    assert y_chunk.shape == (2, l, 4, 8) and s_chunk.shape == (2, 4, 8, 6)
+    assert rel_err(y_chunk, y_step) < tol
+    assert rel_err(s_chunk, s_step) < tol
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_chunked_scan_with_initial_state(dtype, tol):
+    x, dt, A, B, C, D = random_ssd_inputs(2, 50, 4, 8, 2, 6, dtype, seed=1)
+    s0 = torch.randn(2, 4, 8, 6, dtype=torch.float64).to(torch.promote_types(dtype, torch.float32))
+    y_chunk, s_chunk = ref.ssd_chunked(x, dt, A, B, C, 16, D=D, initial_state=s0)
+    y_step, s_step = stepped(x, dt, A, B, C, D, initial_state=s0)
+    assert rel_err(y_chunk, y_step) < tol
+    assert rel_err(s_chunk, s_step) < tol
+
+
+def test_scan_split_in_two_equals_scan_whole():
+    x, dt, A, B, C, D = random_ssd_inputs(1, 40, 2, 4, 1, 3, torch.float64, seed=2)
+    y, s = ref.ssd_chunked(x, dt, A, B, C, 8, D=D)
+    y1, s1 = ref.ssd_chunked(x[:, :13], dt[:, :13], A, B[:, :13], C[:, :13], 8, D=D)
+    y2, s2 = ref.ssd_chunked(x[:, 13:], dt[:, 13:], A, B[:, 13:], C[:, 13:], 8, D=D, initial_state=s1)
+    assert rel_err(torch.cat([y1, y2], 1), y) < 1e-12
+    assert rel_err(s2, s) < 1e-12
+
+
+def test_causal_conv_equals_steps_and_resumes():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 11, 5, generator=gen, dtype=torch.float64)
+    w = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    bias = torch.randn(5, generator=gen, dtype=torch.float64)
+    out, state = ref.causal_conv(x, w, bias)
+    s = torch.zeros(2, 5, 4, dtype=torch.float64)
+    steps = torch.stack([ref.conv_step(s, x[:, t], w, bias) for t in range(11)], dim=1)
+    torch.testing.assert_close(out, steps, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state, s, rtol=0, atol=0)
+    out1, st1 = ref.causal_conv(x[:, :6], w, bias)
+    out2, st2 = ref.causal_conv(x[:, 6:], w, bias, initial_state=st1)
+    torch.testing.assert_close(torch.cat([out1, out2], 1), out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(st2, state, rtol=0, atol=0)
+
+
+def test_causal_conv_matches_torch_conv1d_formula():
+    # y_t = silu(b + sum_j w_j x_{t-k+1+j}), zeros before the start
+    x = torch.arange(6, dtype=torch.float64).reshape(1, 6, 1)
+    w = torch.tensor([[1.0, 10.0, 100.0]], dtype=torch.float64)
+    out, _ = ref.causal_conv(x, w, None)
+    pre = torch.tensor([0, 100, 210, 321, 432, 543], dtype=torch.float64)  # the newest input meets w[-1]
+    torch.testing.assert_close(out[0, :, 0], torch.nn.functional.silu(pre))
+
+
+def test_gated_rmsnorm_per_group_formula():
+    x = torch.randn(3, 8, dtype=torch.float64)
+    z = torch.randn(3, 8, dtype=torch.float64)
+    w = torch.randn(8, dtype=torch.float64)
+    out = ref.gated_rmsnorm(x, z, w, eps=1e-6, group_size=4)
+    h = x * torch.nn.functional.silu(z)
+    for gi in range(2):
+        sl = slice(4 * gi, 4 * gi + 4)
+        expect = h[:, sl] / torch.sqrt(h[:, sl].pow(2).mean(-1, keepdim=True) + 1e-6) * w[sl]
+        torch.testing.assert_close(out[:, sl], expect)
+
+
+def test_backend_seam():
+    assert resolve_backend_name("auto") in ("reference",) or torch.cuda.is_available()
+    assert load_backend("reference") is ref
+    with pytest.raises(ValueError, match="unknown kernel backend 'nope'"):
+        load_backend("nope")
