@@ -96,9 +96,17 @@ def _state_spaces_config(raw: dict, where: Path) -> Mamba2Config:
     return Mamba2Config(**fields)
 
 
+def _json_float(v) -> float:
+    # JSON has no infinity: we write null; transformers >= 5 writes {"__float__": "Infinity"}.
+    if v is None:
+        return math.inf
+    if isinstance(v, dict) and "__float__" in v:
+        return float(v["__float__"])
+    return float(v)
+
+
 def _dt_limit(values) -> tuple[float, float]:
-    # JSON has no infinity: an open upper bound is written as null.
-    return tuple(math.inf if v is None else float(v) for v in values)
+    return tuple(_json_float(v) for v in values)
 
 
 def _hf_config(raw: dict, where: Path) -> Mamba2Config:
