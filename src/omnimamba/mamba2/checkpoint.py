@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from .config import Mamba2Config
 
 # transformers name -> our (state-spaces) name, for every key that differs; the rest are identical.
@@ -72,7 +73,7 @@ HF_CONFIG_MAP = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read into the model it claims to be; the message names what is wrong."""
 
 
