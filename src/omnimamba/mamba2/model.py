@@ -187,6 +187,33 @@ class Mamba2Backbone(nn.Module):
         return self.norm_f(residual + hidden)
 
 
+@torch.no_grad()
+def init_mamba2_backbone_(backbone: Mamba2Backbone, c: Mamba2Config) -> None:
+    """mamba_ssm's initialisation: dt log-uniform in [dt_min, dt_max], A uniform in A_init_range, embeddings
+    N(0, 0.02), out_proj rescaled by 1/sqrt(n_layer) (GPT-2's prenorm-residual rule), norms at 1."""
+    nn.init.normal_(backbone.embedding.weight, std=0.02)
+    for layer in backbone.layers:
+        m = layer.mixer
+        for lin in (m.in_proj, m.out_proj):
+            nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5))
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        m.out_proj.weight /= math.sqrt(c.n_layer)
+        bound = 1 / math.sqrt(c.d_conv)
+        nn.init.uniform_(m.conv1d.weight, -bound, bound)
+        if m.conv1d.bias is not None:
+            nn.init.uniform_(m.conv1d.bias, -bound, bound)
+        dt = torch.exp(torch.rand(c.nheads) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+        dt = dt.clamp(min=c.dt_init_floor)
+        m.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        lo, hi = c.A_init_range
+        m.A_log.copy_(torch.log(torch.empty(c.nheads).uniform_(lo, hi)))
+        m.D.fill_(1.0)
+        m.norm.weight.fill_(1.0)
+        layer.norm.weight.fill_(1.0)
+    backbone.norm_f.weight.fill_(1.0)
+
+
 class Mamba2LM(nn.Module):
     """Mamba-2 language model: backbone + LM head. See the module docstring for the parameter layout."""
 
@@ -203,34 +230,10 @@ class Mamba2LM(nn.Module):
 
     # --- set-up -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """mamba_ssm's initialisation: dt log-uniform in [dt_min, dt_max], A uniform in A_init_range,
-        embeddings N(0, 0.02), out_proj rescaled by 1/sqrt(n_layer) (GPT-2's prenorm-residual rule)."""
-        c = self.config
-        nn.init.normal_(self.backbone.embedding.weight, std=0.02, generator=generator)
-        if not c.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=0.02, generator=generator)
-        for layer in self.backbone.layers:
-            m = layer.mixer
-            for lin in (m.in_proj, m.out_proj):
-                nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5), generator=generator)
-                if lin.bias is not None:
-                    nn.init.zeros_(lin.bias)
-            m.out_proj.weight /= math.sqrt(c.n_layer)
-            bound = 1 / math.sqrt(c.d_conv)
-            nn.init.uniform_(m.conv1d.weight, -bound, bound, generator=generator)
-            if m.conv1d.bias is not None:
-                nn.init.uniform_(m.conv1d.bias, -bound, bound, generator=generator)
-            u = torch.rand(c.nheads, generator=generator)
-            dt = torch.exp(u * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
-            dt = dt.clamp(min=c.dt_init_floor)
-            m.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-            lo, hi = c.A_init_range
-            m.A_log.copy_(torch.log(torch.empty(c.nheads).uniform_(lo, hi, generator=generator)))
-            m.D.fill_(1.0)
-            m.norm.weight.fill_(1.0)
-            layer.norm.weight.fill_(1.0)
-        self.backbone.norm_f.weight.fill_(1.0)
+    def reset_parameters(self) -> None:
+        init_mamba2_backbone_(self.backbone, self.config)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=0.02)
 
     def set_backend(self, backend: str) -> None:
         """Switch every mixer to another kernel backend ('auto', 'reference', ...)."""
