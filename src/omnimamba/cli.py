@@ -25,6 +25,13 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_params(args: argparse.Namespace) -> int:
+    from .model import parameter_report
+
+    print(parameter_report(args.preset))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import backbone_demo
 
@@ -51,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("params", help="parameter count of an OmniMamba preset, per module, and the LoRA share")
+    p.add_argument("--preset", default="omnimamba-1.3b", help="preset name (default: omnimamba-1.3b)")
+    p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("presets", help="list the Mamba-2 presets and their parameter counts")
     p.set_defaults(func=cmd_presets)

@@ -55,6 +55,9 @@ class OmniMambaConfig:
 
     def __post_init__(self) -> None:
         need = self.text_vocab_size + (0 if self.decoupled_vocab else self.vq.codebook_size)
+        if not self.decoupled_vocab and self.backbone.vocab_size < need:
+            # Unified-vocabulary ablation: the codebook is appended to the text vocabulary.
+            object.__setattr__(self, "backbone", self.backbone.replace(vocab_size=need))
         if self.backbone.padded_vocab_size < need:
             raise UserError(f"OmniMambaConfig: the backbone's embedding has {self.backbone.padded_vocab_size} "
                             f"rows but the vocabulary needs {need}; raise backbone.vocab_size")
@@ -102,8 +105,12 @@ class OmniMambaConfig:
             raise UserError(f"not an OmniMamba config: {e}") from e
 
 
-def shapes_tiny_config(text_base_vocab_size: int = 112) -> OmniMambaConfig:
+def shapes_tiny_config(text_base_vocab_size: int | None = None) -> OmniMambaConfig:
     """The embedded default: trains end to end on a CPU in minutes (see `omnimamba quickstart`)."""
+    if text_base_vocab_size is None:
+        from .tokenizer import TextTokenizer
+
+        text_base_vocab_size = TextTokenizer.shapes().base_vocab_size
     vocab = text_base_vocab_size + 6
     return OmniMambaConfig(
         backbone=Mamba2Config(d_model=128, n_layer=4, vocab_size=vocab, pad_vocab_size_multiple=8, d_state=32,
@@ -484,6 +491,27 @@ class OmniMamba(nn.Module):
         if vq_path is not None:
             model.vq.load_state_dict(VQModel.from_llamagen(vq_path, config.vq).state_dict())
         return model
+
+
+def parameter_report(preset_name: str) -> str:
+    """A table of parameters per module of a preset (built on the meta device: no memory, no weights)."""
+    with torch.device("meta"):
+        model = OmniMamba(preset(preset_name), backend="reference")
+    groups: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        key = "task LoRA (in_proj)" if "lora_" in name else name.split(".")[0]
+        groups[key] = groups.get(key, 0) + p.numel()
+    total = sum(groups.values())
+    backbone = groups.get("backbone", 0)
+    embedding = model.backbone.embedding.weight.numel()
+    lora = groups.get("task LoRA (in_proj)", 0)
+    lines = [f"{preset_name}: {total:,} parameters", f"{'module':<24}{'parameters':>16}{'share':>9}"]
+    for key, n in sorted(groups.items(), key=lambda kv: -kv[1]):
+        lines.append(f"{key:<24}{n:>16,}{n / total:>9.2%}")
+    if lora:
+        lines.append(f"task LoRA vs the Mamba-2 backbone: {lora / backbone:.2%} of all its weights, "
+                     f"{lora / (backbone - embedding):.2%} of its weights without the (tied) embedding")
+    return "\n".join(lines)
 
 
 def cfg_logits(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:

@@ -1,0 +1,174 @@
+"""The assembled OmniMamba on the tiny preset: both sequence formats, losses, modality-safe sampling,
+checkpoints, component loading, ablation switches and errors."""
+
+import json
+
+import pytest
+import torch
+
+from omnimamba.errors import UserError
+from omnimamba.lora import TaskLoRALinear
+from omnimamba.mamba2 import Mamba2LM
+from omnimamba.model import OmniMamba, cfg_logits, preset
+from omnimamba.sequence import MMUBatch, T2IBatch, mmu_example, pad_left, t2i_prefix
+from omnimamba.tokenizer import TextTokenizer
+
+TOK = TextTokenizer.shapes()
+
+
+def make_model(**overrides):
+    torch.manual_seed(0)
+    return OmniMamba(preset("shapes-tiny", **overrides), backend="reference")
+
+
+def mmu_batch(n=2):
+    turns = [("how many circles are there?", "two"), ("what color is the square?", "red")] * n
+    return MMUBatch.collate(torch.rand(n, 3, 64, 64), [mmu_example(TOK, [t]) for t in turns[:n]], TOK.special)
+
+
+def t2i_batch():
+    captions = ["a red circle", "two blue squares left of a green triangle"]
+    return T2IBatch.collate([t2i_prefix(TOK, c, 24) for c in captions], torch.randint(0, 512, (2, 64)),
+                            TOK.special)
+
+
+def test_mixed_batch_forward_and_loss_backward():
+    model = make_model()
+    mb, tb = mmu_batch(), t2i_batch()
+    mmu_logits, mmu_loss = model(mb, task="mmu")
+    t2i_logits, t2i_loss = model(tb, task="t2i")
+    assert mmu_logits.shape == (2, mb.text_ids.size(1), model.config.text_vocab_size)
+    assert t2i_logits.shape == (2, 64, 512)
+    # near chance at initialisation: log(vocab) for text, log(K) for codes
+    assert abs(t2i_loss.item() - torch.log(torch.tensor(512.0)).item()) < 1.5
+    (mmu_loss + t2i_loss).backward()
+    lora = model.backbone.layers[0].mixer.in_proj
+    assert lora.lora_A["mmu"].weight.grad is not None and lora.lora_A["t2i"].weight.grad is not None
+    assert model.projector.projector[0].weight.grad is not None
+
+
+def test_each_task_uses_only_its_route():
+    model = make_model()
+    _, loss = model(mmu_batch(), task="mmu")
+    loss.backward()
+    for layer in model.backbone.layers:
+        assert layer.mixer.in_proj.lora_B["t2i"].weight.grad is None
+        assert layer.mixer.in_proj.lora_B["mmu"].weight.grad is not None
+
+
+def test_mmu_loss_only_on_answer_tokens():
+    model = make_model()
+    mb = mmu_batch()
+    logits, loss = model(mb, task="mmu")
+    keep = mb.labels != -100
+    manual = torch.nn.functional.cross_entropy(logits[keep], mb.labels[keep])
+    torch.testing.assert_close(loss, manual)
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_sampling_stays_in_its_modality(decoupled):
+    model = make_model(decoupled_vocab=decoupled).eval()
+    with torch.no_grad():  # make the wrong modality very tempting in the shared head
+        model.lm_head.weight[model.config.text_vocab_size:].mul_(0).add_(5.0)
+    tb = t2i_batch()
+    for seed in range(3):
+        codes = model.generate_image_codes(tb.prefix_ids, tb.prefix_mask, tb.caption_mask, temperature=1.5,
+                                           seed=seed)
+        assert codes.shape == (2, 64) and int(codes.min()) >= 0 and int(codes.max()) < 512
+    prompts, mask = pad_left([TOK.encode("user: how many circles? assistant:"), TOK.encode("user: hi")],
+                             TOK.special.eot)
+    for seed in range(3):
+        out = model.generate_text(torch.rand(2, 3, 64, 64), prompts, mask, max_new_tokens=12, temperature=1.5,
+                                  seed=seed)
+        valid = (out < model.config.text_base_vocab_size) | (out == TOK.special.eot)
+        assert bool(valid.all())
+
+
+def test_text_generation_batched_equals_one_by_one_and_streams():
+    model = make_model().eval()
+    images = torch.rand(2, 3, 64, 64)
+    p = [TOK.encode("user: how many circles are there? assistant:"), TOK.encode("user: what? assistant:")]
+    ids, mask = pad_left(p, TOK.special.eot)
+    batched = model.generate_text(images, ids, mask, max_new_tokens=6)
+    for i in range(2):
+        single = model.generate_text(images[i:i + 1], torch.tensor([p[i]]), max_new_tokens=6)
+        n = single.size(1)
+        assert torch.equal(batched[i, :n], single[0])
+    streamed = torch.stack(list(model.generate_text(images, ids, mask, max_new_tokens=6, stream=True)), 1)
+    assert torch.equal(streamed, batched)
+
+
+def test_guidance_mixes_conditional_and_null_caption_rows():
+    cond, uncond = torch.tensor([[1.0, 3.0]]), torch.tensor([[2.0, 2.0]])
+    torch.testing.assert_close(cfg_logits(cond, uncond, 3.0), torch.tensor([[-1.0, 5.0]]))
+    model = make_model().eval()
+    tb = t2i_batch()
+    greedy = dict(temperature=0.0)
+    plain = model.generate_image_codes(tb.prefix_ids, tb.prefix_mask, tb.caption_mask, **greedy)
+    with torch.no_grad():
+        model.caption_embed.null_caption.normal_()
+    guided = model.generate_image_codes(tb.prefix_ids, tb.prefix_mask, tb.caption_mask, guidance_scale=4.0,
+                                        **greedy)
+    assert not torch.equal(plain, guided)
+    with pytest.raises(UserError, match="guidance_scale must be >= 0"):
+        model.generate_image_codes(tb.prefix_ids, tb.prefix_mask, tb.caption_mask, guidance_scale=-1)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = make_model().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "m", tokenizer=TOK)
+    again = OmniMamba.from_pretrained(tmp_path / "m", backend="reference").eval()
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert TextTokenizer.from_file(tmp_path / "m").special == TOK.special
+    with pytest.raises(UserError, match="no config.json"):
+        OmniMamba.from_pretrained(tmp_path)
+
+
+def test_from_components_loads_a_mamba2_checkpoint(tmp_path):
+    cfg = preset("shapes-tiny")
+    lm = Mamba2LM(cfg.backbone, backend="reference")
+    lm.save_pretrained(tmp_path / "mamba2")
+    model = OmniMamba.from_components(cfg, mamba2_path=tmp_path / "mamba2", backend="reference")
+    assert torch.equal(model.backbone.layers[1].mixer.in_proj.weight, lm.backbone.layers[1].mixer.in_proj.weight)
+    assert torch.equal(model.lm_head.weight, lm.backbone.embedding.weight)
+
+
+def test_ablation_switches():
+    no_lora = make_model(task_lora=False)
+    assert not any(isinstance(l.mixer.in_proj, TaskLoRALinear) for l in no_lora.backbone.layers)
+    unified = make_model(decoupled_vocab=False)
+    assert not hasattr(unified, "image_head")
+    assert unified.backbone.embedding.num_embeddings >= unified.config.text_vocab_size + 512
+    _, loss = unified(t2i_batch(), task="t2i")
+    assert torch.isfinite(loss)
+
+
+def test_lora_share_of_the_paper_preset():
+    with torch.device("meta"):
+        model = OmniMamba(preset("omnimamba-1.3b"), backend="reference")
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    c = model.config.backbone
+    per_layer = 2 * 8 * (c.d_model + c.d_in_proj)  # two routes of rank 8 on in_proj
+    assert lora == c.n_layer * per_layer == 8_110_080
+
+
+def test_errors():
+    model = make_model()
+    mb = mmu_batch()
+    with pytest.raises(UserError, match="takes 64x64 images"):
+        model(MMUBatch(torch.rand(2, 3, 32, 32), mb.text_ids, mb.labels), task="mmu")
+    with pytest.raises(UserError, match="RGB"):
+        model(MMUBatch(torch.rand(2, 1, 64, 64), mb.text_ids, mb.labels), task="mmu")
+    with pytest.raises(ValueError, match="unknown task 'vqa'"):
+        model(mb, task="vqa")
+    with pytest.raises(UserError, match="unknown encoder"):
+        OmniMamba(preset("shapes-tiny").replace(understanding=preset("omnimamba-1.3b").understanding.replace(
+            kind="timm", backbones=("not_a_vit",))))
+    with pytest.raises(UserError, match="at most 24"):
+        t2i_prefix(TOK, "red " * 30, 24)
+    with pytest.raises(UserError, match="unknown OmniMamba preset"):
+        preset("omnimamba-7b")

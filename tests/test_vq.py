@@ -1,0 +1,72 @@
+"""The LlamaGen VQ tokenizer: upstream layout, quantiser properties, errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from omnimamba.errors import UserError
+from omnimamba.vision.vq import VQConfig, VQModel
+
+# Names and shapes of LlamaGen's VQ_16 state dict, read off LlamaGen's own vq_model.py (the layout of
+# the published vq_ds16_c2i.pt).
+LLAMAGEN_VQ16 = json.loads((Path(__file__).parent / "data" / "llamagen_vq16_state_dict_shapes.json").read_text())
+
+
+def test_llamagen_vq16_checkpoint_loads_key_for_key(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(shape, generator=gen) * 0.02 for k, shape in LLAMAGEN_VQ16.items()}
+    torch.save({"model": state}, tmp_path / "vq_ds16_c2i.pt")
+    model = VQModel.from_llamagen(tmp_path / "vq_ds16_c2i.pt")
+    assert model.config.num_tokens == 256 and model.config.codebook_size == 16384
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_wrong_checkpoint_is_named(tmp_path):
+    state = {k: torch.zeros(shape) for k, shape in LLAMAGEN_VQ16.items()}
+    del state["quant_conv.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save({"model": state}, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match="quant_conv.weight"):
+        VQModel.from_llamagen(tmp_path / "bad.pt")
+    with pytest.raises(UserError, match="not found"):
+        VQModel.from_llamagen(tmp_path / "missing.pt")
+
+
+@pytest.fixture(scope="module")
+def tiny_vq():
+    torch.manual_seed(0)
+    return VQModel(VQConfig.tiny()).eval()
+
+
+def test_tiny_round_trip_shapes(tiny_vq):
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    codes = tiny_vq.encode(images)
+    assert codes.shape == (2, 64) and codes.dtype == torch.long
+    assert 0 <= int(codes.min()) and int(codes.max()) < 512
+    with torch.no_grad():
+        out = tiny_vq.decode(codes)
+    assert out.shape == (2, 3, 64, 64)
+    rec, codes2, losses = tiny_vq(images)
+    assert torch.equal(codes2.flatten(1), codes) and set(losses) == {"codebook", "commitment"}
+
+
+def test_codebook_vectors_quantise_to_themselves(tiny_vq):
+    # The exact part of the round trip: a code's own (normalised) vector is its nearest neighbour.
+    codes = torch.randint(0, 512, (3, 8, 8))
+    z = tiny_vq.quantize.lookup(codes)
+    _, again, _ = tiny_vq.quantize(z)
+    assert torch.equal(again, codes)
+
+
+def test_bad_images_and_codes(tiny_vq):
+    with pytest.raises(UserError, match=r"\(batch, 3, 64, 64\)"):
+        tiny_vq.encode(torch.rand(1, 3, 32, 32))
+    with pytest.raises(UserError, match=r"\(batch, 3, 64, 64\)"):
+        tiny_vq.encode(torch.rand(1, 1, 64, 64))
+    with pytest.raises(UserError, match="codes must lie in 0..511"):
+        tiny_vq.decode(torch.full((1, 64), 512))
+    with pytest.raises(UserError, match=r"\(batch, 64\)"):
+        tiny_vq.decode(torch.zeros(1, 63, dtype=torch.long))
