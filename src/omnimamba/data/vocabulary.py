@@ -17,7 +17,7 @@ WORDS = tuple(sorted(set(
         "look", "like", "all", "but", "only", "actually", "none", "object", "objects", "side", "background",
         "describe", "detail", "contains", "shows", "at", "top", "bottom", "center", "middle", "corner",
         "plain", "textured", "gray", "white", "dark", "light", "each", "other", "than",
-        "question", "answer", "user", "assistant", "not", "any", "some", "be", "does", "do", "have", "has",
+        "question", "answer", "user", "assistant", "relative", "not", "any", "some", "be", "does", "do", "have", "has",
         "i", "see", "can", "you", "please", "where", "its", "also", "together", "s",
     )
 )))
