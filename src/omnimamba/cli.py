@@ -32,6 +32,27 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_shapes(args: argparse.Namespace) -> int:
+    from .data.formats import write_shapes_split
+    from .data.shapes import ShapesConfig, ShapesWorld
+
+    world = ShapesWorld(ShapesConfig(image_size=args.image_size), seed=args.seed)
+    paths = write_shapes_split(world, args.split, args.n, args.out)
+    for k, v in paths.items():
+        print(f"{k:<9} {v}")
+    return 0
+
+
+def cmd_data_baselines(args: argparse.Namespace) -> int:
+    from .data.shapes import ShapesConfig, ShapesWorld
+    from .evaluation.shapes_scorer import chance_baselines, format_baselines
+
+    world = ShapesWorld(ShapesConfig(image_size=args.image_size), seed=args.seed)
+    print(f"Shapes {args.split} split, {args.n} images / prompts, seed {args.seed}")
+    print(format_baselines(chance_baselines(world, args.split, args.n)))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import backbone_demo
 
@@ -42,6 +63,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"prefill + decode vs full forward, relative error: {r['decode_vs_forward_rel_error']:.2e}")
     print(f"decoding cache: {r['cache_bytes']:,} bytes for 64 sequences, whatever their length")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("params", help="parameter count of an OmniMamba preset, per module, and the LoRA share")
     p.add_argument("--preset", default="omnimamba-1.3b", help="preset name (default: omnimamba-1.3b)")
     p.set_defaults(func=cmd_params)
+
+    data = sub.add_parser("data", help="the embedded Shapes data set").add_subparsers(
+        dest="data_verb", required=True, metavar="DATA_VERB")
+    p = data.add_parser("shapes", help="write a Shapes split as PNGs + LLaVA JSON + COCO captions + a grid")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--n", type=_positive_int, default=1000, help="number of images (default: 1000)")
+    p.add_argument("--split", choices=("train", "val", "test", "heldout"), default="train")
+    p.add_argument("--seed", type=int, default=0, help="world seed (default: 0)")
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: 64)")
+    p.set_defaults(func=cmd_data_shapes)
+    p = data.add_parser("baselines", help="print the chance baselines of the Shapes scorer")
+    p.add_argument("--n", type=_positive_int, default=200, help="images / prompts (default: 200)")
+    p.add_argument("--split", choices=("val", "test", "heldout"), default="test")
+    p.add_argument("--seed", type=int, default=0, help="world seed (default: 0)")
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: 64)")
+    p.set_defaults(func=cmd_data_baselines)
 
     p = sub.add_parser("presets", help="list the Mamba-2 presets and their parameter counts")
     p.set_defaults(func=cmd_presets)

@@ -168,9 +168,13 @@ def _group(objects: list[Shape]) -> list[tuple[str, str, int]]:
     return [(c, s, n) for (c, s), n in groups.items()]
 
 
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def noun_phrase(color: str, shape: str, count: int) -> str:
     if count == 1:
-        return f"a {color} {shape}"
+        return f"{article(color)} {color} {shape}"
     return f"{number_word(count)} {color} {plural(shape)}"
 
 
@@ -200,7 +204,7 @@ def captions_for(objects: list[Shape]) -> list[str]:
         a, b = objects
         rel = relation(a, b)
         if rel:
-            caps.append(f"a {a.name} {RELATION_PHRASE[rel]} a {b.name}")
+            caps.append(f"{article(a.color)} {a.name} {RELATION_PHRASE[rel]} {article(b.color)} {b.name}")
     return caps
 
 
@@ -217,7 +221,7 @@ def _location(o: Shape, size: int) -> str:
 
 
 def description(objects: list[Shape], textured: bool, size: int) -> str:
-    parts = [f"a {o.size} {o.name} {_location(o, size)}" for o in sorted(objects, key=lambda o: (o.cy, o.cx))]
+    parts = [f"{article(o.size)} {o.size} {o.name} {_location(o, size)}" for o in sorted(objects, key=lambda o: (o.cy, o.cx))]
     bg = "textured" if textured else "plain"
     return f"the image shows {join(parts)} on a {bg} background."
 
@@ -235,7 +239,7 @@ def existence_questions(objects: list[Shape], rng: np.random.Generator) -> list[
     absent = [p for p in all_pairs if p not in present]
     qs = []
     pos = sorted(present)[int(rng.integers(len(present)))]
-    qs.append(Question("existence", f"is there a {pos[0]} {pos[1]} in the image?", "yes"))
+    qs.append(Question("existence", f"is there {article(pos[0])} {pos[0]} {pos[1]} in the image?", "yes"))
     # random: any absent pair; popular: the most common absent pair; adversarial: an absent pair sharing
     # a colour or a shape with an object that is present (the confusable one).
     choices = {
@@ -248,7 +252,8 @@ def existence_questions(objects: list[Shape], rng: np.random.Generator) -> list[
         choices["adversarial"] = confusable[int(rng.integers(len(confusable)))]
     for kind, pair in choices.items():
         if pair is not None:
-            qs.append(Question("existence", f"is there a {pair[0]} {pair[1]} in the image?", "no", pope=kind))
+            qs.append(Question("existence", f"is there {article(pair[0])} {pair[0]} {pair[1]} in the image?", "no",
+                               pope=kind))
     return qs
 
 

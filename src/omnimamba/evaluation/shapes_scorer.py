@@ -159,7 +159,7 @@ _COLOR = "|".join(COLORS)
 _SHAPE = "|".join(SHAPES)
 _NUM = "|".join(NUMBERS)
 _NP = re.compile(rf"^(?:(a|an)\s+({_COLOR})\s+({_SHAPE})|({_NUM})\s+({_COLOR})\s+({_SHAPE})s)$")
-_REL = re.compile(rf"^a ({_COLOR}) ({_SHAPE}) (left of|right of|above|below) a ({_COLOR}) ({_SHAPE})$")
+_REL = re.compile(rf"^an? ({_COLOR}) ({_SHAPE}) (left of|right of|above|below) an? ({_COLOR}) ({_SHAPE})$")
 
 
 def parse_prompt(prompt: str) -> Requirement:

@@ -1,0 +1,60 @@
+"""Real-format readers (LLaVA conversations, COCO captions), the Shapes writer, and their errors."""
+
+import json
+
+import pytest
+
+from omnimamba.cli import main
+from omnimamba.data.formats import DataError, load_image, read_coco_captions, read_llava
+from omnimamba.data.shapes import ShapesWorld
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    assert main(["data", "shapes", "--out", str(out), "--n", "6", "--split", "val"]) == 0
+    return out
+
+
+def test_written_split_reads_back_in_real_formats(written):
+    world = ShapesWorld()
+    conv = read_llava(written / "llava.json")
+    caps = read_coco_captions(written / "captions.json")
+    assert len(conv.samples) == 6 and not conv.skipped
+    first = world.sample("val", 0)
+    assert conv.samples[0].turns == [(q.question, q.answer) for q in first.questions]
+    assert conv.samples[0].meta["question_types"] == [q.type for q in first.questions]
+    assert (load_image(conv.samples[0].image) == first.image).all()
+    assert [c.caption for c in caps.samples if c.image == conv.samples[0].image] == first.captions
+    assert (written / "grid.png").stat().st_size > 0
+
+
+def test_llava_jsonl_bad_line_is_named(tmp_path, written):
+    good = json.dumps({"image": str(written / "images" / "val-000000.png"),
+                       "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]})
+    (tmp_path / "d.jsonl").write_text(good + "\n{not json\n" + good + "\n")
+    with pytest.raises(DataError, match=r"d.jsonl:2: malformed JSON line"):
+        read_llava(tmp_path / "d.jsonl")
+    r = read_llava(tmp_path / "d.jsonl", skip_bad=True)
+    assert len(r.samples) == 2 and len(r.skipped) == 1 and "d.jsonl:2" in r.skipped[0]
+
+
+def test_missing_image_and_caption_without_image(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}],
+                                                 "annotations": [{"image_id": 1, "caption": "x"}]}))
+    with pytest.raises(DataError, match=r"c.json\[annotations 0\]: image file not found"):
+        read_coco_captions(tmp_path / "c.json")
+    (tmp_path / "d.json").write_text(json.dumps({"images": [], "annotations": [{"image_id": 7, "caption": "x"}]}))
+    with pytest.raises(DataError, match=r"caption with no image \(image_id 7"):
+        read_coco_captions(tmp_path / "d.json")
+    (tmp_path / "e.json").write_text("[\n{\"image\": 1,\n")
+    with pytest.raises(DataError, match=r"e.json:3: malformed JSON"):
+        read_llava(tmp_path / "e.json")
+
+
+def test_unreadable_image(tmp_path):
+    (tmp_path / "x.png").write_text("not an image")
+    with pytest.raises(DataError, match="not a readable image"):
+        load_image(tmp_path / "x.png")
+    with pytest.raises(DataError, match="image file not found"):
+        load_image(tmp_path / "y.png")

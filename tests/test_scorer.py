@@ -1,0 +1,71 @@
+"""The Shapes scorer, validated: ground truth scores >= 99%, random images near 0; metric formulas."""
+
+import numpy as np
+import pytest
+
+from omnimamba.data.shapes import ShapesWorld
+from omnimamba.evaluation.shapes_scorer import (MMURecord, chance_baselines, normalize_answer, parse_image,
+                                                parse_prompt, pope_metrics, score_mmu, score_t2i, t2i_eval_set)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return ShapesWorld()
+
+
+def test_t2i_scorer_on_ground_truth_and_random_images(world):
+    for split in ("test", "heldout"):
+        prompts = t2i_eval_set(world, split, 200)
+        gt = score_t2i([world.sample(split, i).image for _, i in prompts], [p for p, _ in prompts])
+        assert gt["overall"] >= 0.99 and set(gt) >= {"single_object", "two_object", "counting", "position"}
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in prompts]
+    assert score_t2i(noise, [p for p, _ in prompts])["overall"] <= 0.05
+    shuffled = [world.sample("heldout", i + 1000).image for _, i in prompts]
+    assert score_t2i(shuffled, [p for p, _ in prompts])["overall"] <= 0.1
+
+
+def test_parse_image_finds_the_drawn_objects(world):
+    s = world.sample("test", 3)
+    found = parse_image(s.image)
+    assert sorted((d.color, d.shape) for d in found) == sorted((o.color, o.shape) for o in s.objects)
+    for o in s.objects:
+        assert any(abs(d.cx - o.cx) < 1.5 and abs(d.cy - o.cy) < 1.5 for d in found)
+
+
+def test_parse_prompt_forms():
+    r = parse_prompt("two red circles, a blue square and an orange triangle")
+    assert r.counts == (("blue", "square", 1), ("orange", "triangle", 1), ("red", "circle", 2))
+    assert r.category == "two_object"
+    assert parse_prompt("There are three green squares.").category == "counting"
+    rel = parse_prompt("a red circle left of a blue square")
+    assert rel.relation == ("red circle", "left", "blue square") and rel.category == "position"
+    with pytest.raises(ValueError, match="cannot read"):
+        parse_prompt("a cat on a mat")
+
+
+def test_pope_metrics_formula():
+    golds = ["yes", "yes", "no", "no", "no"]
+    preds = ["yes", "no", "yes", "no", "No."]
+    m = pope_metrics(golds, preds)
+    # tp=1 fp=1 fn=1 tn=2
+    assert m["accuracy"] == pytest.approx(3 / 5) and m["precision"] == pytest.approx(0.5)
+    assert m["recall"] == pytest.approx(0.5) and m["f1"] == pytest.approx(0.5) and m["yes_ratio"] == pytest.approx(0.4)
+
+
+def test_mmu_exact_match_is_normalised():
+    assert normalize_answer("  Two .") == "two"
+    records = [MMURecord("counting", "two", "Two."), MMURecord("counting", "two", "three"),
+               MMURecord("color", "red", "red")]
+    r = score_mmu(records)
+    assert r["accuracy"]["counting"] == 0.5 and r["accuracy"]["color"] == 1.0
+    assert r["accuracy"]["overall"] == pytest.approx(2 / 3)
+
+
+def test_chance_baselines(world):
+    b = chance_baselines(world, "test", 60)
+    for kind in ("random", "popular", "adversarial"):
+        assert b["mmu_always_yes"]["pope"][kind]["yes_ratio"] == 1.0
+        assert b["mmu_always_yes"]["pope"][kind]["accuracy"] == pytest.approx(0.5)
+    assert b["t2i_ground_truth"]["overall"] >= 0.99 and b["t2i_random_image"]["overall"] <= 0.1
+    assert 0.2 < b["mmu_most_frequent_answer"]["accuracy"]["overall"] < 0.6
