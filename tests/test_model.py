@@ -35,8 +35,10 @@ def t2i_batch():
 def test_mixed_batch_forward_and_loss_backward():
     model = make_model()
     mb, tb = mmu_batch(), t2i_batch()
-    mmu_logits, mmu_loss = model(mb, task="mmu")
-    t2i_logits, t2i_loss = model(tb, task="t2i")
+    out = model(mmu=mb, t2i=tb)
+    mmu_logits, mmu_loss, t2i_logits, t2i_loss = (out[k] for k in ("mmu_logits", "mmu_loss", "t2i_logits",
+                                                                   "t2i_loss"))
+    torch.testing.assert_close(out["loss"], mmu_loss + t2i_loss)
     assert mmu_logits.shape == (2, mb.text_ids.size(1), model.config.text_vocab_size)
     assert t2i_logits.shape == (2, 64, 512)
     # near chance at initialisation: log(vocab) for text, log(K) for codes
@@ -49,7 +51,7 @@ def test_mixed_batch_forward_and_loss_backward():
 
 def test_each_task_uses_only_its_route():
     model = make_model()
-    _, loss = model(mmu_batch(), task="mmu")
+    _, loss = model.task_forward(mmu_batch(), "mmu")
     loss.backward()
     for layer in model.backbone.layers:
         assert layer.mixer.in_proj.lora_B["t2i"].weight.grad is None
@@ -59,7 +61,7 @@ def test_each_task_uses_only_its_route():
 def test_mmu_loss_only_on_answer_tokens():
     model = make_model()
     mb = mmu_batch()
-    logits, loss = model(mb, task="mmu")
+    logits, loss = model.task_forward(mb, "mmu")
     keep = mb.labels != -100
     manual = torch.nn.functional.cross_entropy(logits[keep], mb.labels[keep])
     torch.testing.assert_close(loss, manual)
@@ -143,7 +145,7 @@ def test_ablation_switches():
     unified = make_model(decoupled_vocab=False)
     assert not hasattr(unified, "image_head")
     assert unified.backbone.embedding.num_embeddings >= unified.config.text_vocab_size + 512
-    _, loss = unified(t2i_batch(), task="t2i")
+    _, loss = unified.task_forward(t2i_batch(), "t2i")
     assert torch.isfinite(loss)
 
 
@@ -160,11 +162,11 @@ def test_errors():
     model = make_model()
     mb = mmu_batch()
     with pytest.raises(UserError, match="takes 64x64 images"):
-        model(MMUBatch(torch.rand(2, 3, 32, 32), mb.text_ids, mb.labels), task="mmu")
+        model(mmu=MMUBatch(torch.rand(2, 3, 32, 32), mb.text_ids, mb.labels))
     with pytest.raises(UserError, match="RGB"):
-        model(MMUBatch(torch.rand(2, 1, 64, 64), mb.text_ids, mb.labels), task="mmu")
+        model(mmu=MMUBatch(torch.rand(2, 1, 64, 64), mb.text_ids, mb.labels))
     with pytest.raises(ValueError, match="unknown task 'vqa'"):
-        model(mb, task="vqa")
+        model.task_forward(mb, "vqa")
     with pytest.raises(UserError, match="unknown encoder"):
         OmniMamba(preset("shapes-tiny").replace(understanding=preset("omnimamba-1.3b").understanding.replace(
             kind="timm", backbones=("not_a_vit",))))

@@ -53,6 +53,20 @@ def cmd_data_baselines(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training.config import load_train_config
+    from .training.loop import Trainer
+
+    config = load_train_config(args.config, args.set or [])
+    trainer = Trainer(config)
+    results = trainer.run(resume=args.resume, only=args.stage)
+    for stage, r in results.items():
+        if r.get("mmu") or r.get("t2i"):
+            print(f"{stage}: MMU {r.get('mmu', {}).get('accuracy', {}).get('overall', float('nan')):.1%}  "
+                  f"T2I {r.get('t2i', {}).get('overall', float('nan')):.1%}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import backbone_demo
 
@@ -81,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train OmniMamba through named stages (see configs/)")
+    p.add_argument("--config", help="YAML or TOML run config; every field has a default (the paper's)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set stages.0.lr=1e-4 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of run.out")
+    p.add_argument("--stage", action="append", help="run only this stage (repeatable)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="train a tiny Mamba-2 on arithmetic progressions and decode with the cache")
     p.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")

@@ -251,16 +251,16 @@ class OmniMamba(nn.Module):
         image = self.encode_images(pixel_values).to(pre.dtype)
         return torch.cat([pre, image, mid, emb(text_ids)], dim=1)
 
-    def forward_mmu(self, batch: MMUBatch) -> tuple[Tensor, Tensor]:
-        """Returns (logits over the text part (b, T, text_vocab), mean loss on the answer tokens)."""
+    def forward_mmu(self, batch: MMUBatch, reduction: str = "mean") -> tuple[Tensor, ...]:
+        """(logits over the text part (b, T, text_vocab), mean loss on the answer tokens); with
+        reduction='sum': (logits, summed loss, number of target tokens)."""
         self._check_text_ids(batch.text_ids)
         x = self.mmu_embeddings(batch.pixel_values, batch.text_ids)
         hidden = self.backbone(x, task=self._route("mmu"))
         T = batch.text_ids.size(1)
         # The hidden state before text token t predicts it: positions -T-1 .. -2.
         logits = self.text_logits(hidden[:, -T - 1:-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE_INDEX)
-        return logits, loss
+        return _loss(logits, batch.labels, reduction)
 
     # --- T2I ----------------------------------------------------------------------------------------
     def t2i_prefix_embeddings(self, prefix_ids: Tensor, prefix_mask: Tensor, caption_mask: Tensor,
@@ -280,9 +280,10 @@ class OmniMamba(nn.Module):
             raise UserError(f"T2I sequence longer than the model's {self.config.t2i_length} positions")
         return self.t2i_pos_embed[0][pos]
 
-    def forward_t2i(self, batch: T2IBatch, drop: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Returns (logits over image codes (b, N, K), mean loss on the codes). `drop` (b,) marks
-        captions replaced by the null caption; None draws them at `caption_dropout` in training mode."""
+    def forward_t2i(self, batch: T2IBatch, drop: Tensor | None = None, reduction: str = "mean") -> tuple[Tensor, ...]:
+        """(logits over image codes (b, N, K), mean loss on the codes); reduction='sum' as forward_mmu.
+        `drop` (b,) marks captions replaced by the null caption; None draws them at `caption_dropout` in
+        training mode."""
         self._check_text_ids(batch.prefix_ids)
         b, N = batch.image_codes.shape
         if N != self.config.image_tokens:
@@ -299,8 +300,7 @@ class OmniMamba(nn.Module):
         hidden = self.backbone(x, mask=mask, task=self._route("t2i"))
         P = batch.prefix_ids.size(1)
         logits = self.image_logits(hidden[:, P - 1:P - 1 + N])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.image_codes.flatten())
-        return logits, loss
+        return _loss(logits, batch.image_codes, reduction)
 
     # --- helpers ------------------------------------------------------------------------------------
     def _route(self, task: str) -> str | None:
@@ -315,10 +315,31 @@ class OmniMamba(nn.Module):
         p = self.lm_head.weight
         return Mamba2Cache.empty(self.config.backbone, batch_size, device or p.device, p.dtype)
 
-    def forward(self, batch, task: str) -> tuple[Tensor, Tensor]:
-        """One task's forward pass: `task` 'mmu' with an MMUBatch or 't2i' with a T2IBatch."""
-        check_task(task)
-        return self.forward_mmu(batch) if task == "mmu" else self.forward_t2i(batch)
+    def forward(self, mmu: MMUBatch | None = None, t2i: T2IBatch | None = None,
+                t2i_drop: Tensor | None = None) -> dict[str, Tensor]:
+        """Both tasks in one call (stage 2 sums their losses for one backward; DDP needs one forward).
+
+        Returns per task `<task>_logits`, `<task>_loss` (mean over its target tokens), `<task>_loss_sum` and
+        `<task>_tokens` (for normalising across processes), and `loss`, the sum of the task losses.
+        """
+        if mmu is None and t2i is None:
+            raise ValueError("give an MMU batch, a T2I batch or both")
+        out: dict[str, Tensor] = {}
+        if mmu is not None:
+            out["mmu_logits"], out["mmu_loss_sum"], out["mmu_tokens"] = self.forward_mmu(mmu, reduction="sum")
+        if t2i is not None:
+            out["t2i_logits"], out["t2i_loss_sum"], out["t2i_tokens"] = self.forward_t2i(t2i, t2i_drop,
+                                                                                        reduction="sum")
+        for task in ("mmu", "t2i"):
+            if f"{task}_loss_sum" in out:
+                out[f"{task}_loss"] = out[f"{task}_loss_sum"] / out[f"{task}_tokens"].clamp(min=1)
+        out["loss"] = sum(out[f"{t}_loss"] for t in ("mmu", "t2i") if f"{t}_loss" in out)
+        return out
+
+    def task_forward(self, batch, task: str) -> tuple[Tensor, Tensor]:
+        """One task by name: (logits, mean loss)."""
+        out = self(**{check_task(task): batch})
+        return out[f"{task}_logits"], out[f"{task}_loss"]
 
     def merge_lora(self, task: str) -> None:
         """Fold one task's LoRA route into the in_proj weights (inference for that task only)."""
@@ -438,6 +459,7 @@ class OmniMamba(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps({"omnimamba": self.config.to_dict()}, indent=2) + "\n")
         save_model(self, str(path / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer = tokenizer or self.tokenizer
         if tokenizer is not None:
             tokenizer.save(path / "tokenizer.json")
 
@@ -463,7 +485,11 @@ class OmniMamba(nn.Module):
         if missing or unexpected:
             raise UserError(f"{weights} does not match its config: missing {missing[:8]}, "
                             f"unexpected {unexpected[:8]}")
-        return model
+        if (path / "tokenizer.json").is_file():
+            from .tokenizer import TextTokenizer
+
+            model.tokenizer = TextTokenizer.from_file(path / "tokenizer.json")
+        return model.eval()
 
     @classmethod
     def from_components(cls, config: OmniMambaConfig, mamba2_path: str | Path | None = None,
@@ -491,6 +517,15 @@ class OmniMamba(nn.Module):
         if vq_path is not None:
             model.vq.load_state_dict(VQModel.from_llamagen(vq_path, config.vq).state_dict())
         return model
+
+
+def _loss(logits: Tensor, targets: Tensor, reduction: str) -> tuple[Tensor, ...]:
+    flat = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    tokens = (targets != IGNORE_INDEX).sum()
+    if reduction == "sum":
+        return logits, flat, tokens
+    return logits, flat / tokens.clamp(min=1)
 
 
 def parameter_report(preset_name: str) -> str:

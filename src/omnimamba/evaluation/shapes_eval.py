@@ -1,0 +1,47 @@
+"""Evaluating a model on the Shapes world: answers and generated images, scored by the Shapes scorer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.formats import picture_grid
+from ..inference import answer, generate_images
+from .shapes_scorer import MMURecord, mmu_eval_set, score_mmu, score_t2i, t2i_eval_set
+
+
+@torch.no_grad()
+def evaluate_mmu(model, tokenizer, world, split: str = "val", n_images: int = 50, batch_size: int = 64,
+                 max_new_tokens: int = 48) -> tuple[dict, list[tuple]]:
+    """Greedy answers to every question of the first n_images images of `split`."""
+    items = mmu_eval_set(world, split, n_images)
+    records, shown = [], []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        images = [world.sample(split, i).image for i, _ in chunk]
+        preds = answer(model, tokenizer, images, [q.question for _, q in chunk], max_new_tokens=max_new_tokens)
+        for (i, q), p in zip(chunk, preds):
+            records.append(MMURecord(q.type, q.answer, p, q.pope))
+            shown.append((i, q.question, q.answer, p))
+    return score_mmu(records), shown
+
+
+@torch.no_grad()
+def evaluate_t2i(model, tokenizer, world, split: str = "val", n_prompts: int = 24, guidance_scale: float = 3.0,
+                 temperature: float = 1.0, top_k: int = 0, seed: int = 0, batch_size: int = 32) -> tuple[dict, list]:
+    prompts = [p for p, _ in t2i_eval_set(world, split, n_prompts)]
+    images = generate_images(model, tokenizer, prompts, guidance_scale=guidance_scale, temperature=temperature,
+                             top_k=top_k, seed=seed, batch_size=batch_size)
+    arrays = [np.asarray(im) for im in images]
+    return score_t2i(arrays, prompts), list(zip(arrays, prompts))
+
+
+def save_evaluation_picture(path: str | Path, generated: list, answered: list, world, split: str,
+                            n: int = 8) -> None:
+    """One PNG: generated images with their prompts, then images with a question, the model's answer and the truth."""
+    items = [(img, f"prompt: {p}") for img, p in generated[:n]]
+    for i, q, gold, pred in answered[:n]:
+        items.append((world.sample(split, i).image, f"Q: {q} A: {pred} (true: {gold})"))
+    picture_grid(items, path, columns=4)

@@ -1,0 +1,128 @@
+"""Inference for both tasks on a loaded model: answering questions about images (MMU) and generating images
+from text (T2I). Both prefill once and then do O(1) work per new token with the recurrent cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .data.formats import load_image
+from .errors import UserError
+from .sequence import mmu_prompt, pad_left, t2i_prefix
+
+
+def to_pixels(images, size: int) -> Tensor:
+    """PIL images, (H, W, 3) uint8 arrays or paths -> (b, 3, size, size) float in [0, 1]."""
+    from PIL import Image
+
+    arrays = []
+    for im in images:
+        if isinstance(im, (str, Path)):
+            arr = load_image(im, size)
+        elif isinstance(im, Image.Image):
+            arr = np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC))
+        elif isinstance(im, np.ndarray):
+            if im.ndim != 3 or im.shape[2] != 3:
+                raise UserError(f"an image array must be (H, W, 3) RGB, got shape {im.shape}")
+            arr = im if im.shape[:2] == (size, size) else np.asarray(
+                Image.fromarray(im.astype(np.uint8)).resize((size, size), Image.BICUBIC))
+        else:
+            raise UserError(f"cannot read an image from a {type(im).__name__}")
+        arrays.append(arr.astype(np.uint8))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def prompt_ids(tokenizer, question: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
+    """The text part of an MMU prompt: earlier (question, answer) turns, then the new question."""
+    ids: list[int] = []
+    for q, a in history:
+        ids += tokenizer.encode(mmu_prompt(q)) + tokenizer.encode(" " + a.strip())
+    return ids + tokenizer.encode(mmu_prompt(question))
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def answer(model, tokenizer, images, questions, max_new_tokens: int = 64, temperature: float = 0.0,
+           top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stream: bool = False,
+           history: Sequence[tuple[str, str]] = ()):
+    """Answer `questions` about `images` (one each; a single image and question give a single answer).
+
+    Returns the answer text (or a list), or with stream=True an iterator of text pieces (lists of pieces
+    when batched) whose concatenation is the answer.
+    """
+    single = isinstance(questions, str)
+    if single:
+        questions, images = [questions], [images]
+    if len(images) != len(questions):
+        raise UserError(f"{len(images)} images for {len(questions)} questions: give one image per question")
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = _model_device(model)
+    pixels = to_pixels(images, model.config.understanding.image_size).to(device)
+    ids, mask = pad_left([prompt_ids(tokenizer, q, history) for q in questions], tokenizer.special.eot)
+    steps = model.generate_text(pixels, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stream=True)
+    pieces = _text_pieces(tokenizer, steps, len(questions))
+    if stream:
+        return (p[0] for p in pieces) if single else pieces
+    texts = ["" for _ in questions]
+    for step in pieces:
+        texts = [t + p for t, p in zip(texts, step)]
+    return texts[0] if single else texts
+
+
+def _text_pieces(tokenizer, steps: Iterator[Tensor], n: int) -> Iterator[list[str]]:
+    """Turn token steps into text increments: decode(all so far) minus decode(all before)."""
+    eot = tokenizer.special.eot
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
+    shown = ["" for _ in range(n)]
+    for step in steps:
+        out = []
+        for i, t in enumerate(step.tolist()):
+            if not done[i]:
+                if t == eot:
+                    done[i] = True
+                else:
+                    tokens[i].append(t)
+            text = tokenizer.decode(tokens[i]).strip()
+            out.append(text[len(shown[i]):] if text.startswith(shown[i]) else text)
+            shown[i] = text
+        yield out
+
+
+def generate_images(model, tokenizer, prompts, guidance_scale: float = 3.0, temperature: float = 1.0,
+                    top_k: int = 0, top_p: float = 1.0, seed: int | None = None, batch_size: int = 16,
+                    progress: bool = False) -> list:
+    """Images (PIL) for `prompts` (a string or a list). guidance_scale 1 turns classifier-free guidance off."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    device = _model_device(model)
+    prefixes = [t2i_prefix(tokenizer, p, model.config.max_caption_tokens) for p in prompts]
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prefixes[start:start + batch_size]
+        ids, mask = pad_left([c[0] for c in chunk], tokenizer.special.eot)
+        cap, _ = pad_left([c[1] for c in chunk], False)
+        bar = (lambda it: tqdm(it, desc=f"image tokens {start + 1}-{start + len(chunk)}/{len(prompts)}",
+                               leave=False)) if progress else None
+        codes = model.generate_image_codes(ids.to(device), mask.to(device), cap.bool().to(device),
+                                           guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+                                           top_p=top_p, seed=None if seed is None else seed + start,
+                                           progress=bar)
+        with torch.no_grad():
+            pixels = model.vq.decode(codes)
+        arr = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        out += [Image.fromarray(a) for a in arr]
+    return out

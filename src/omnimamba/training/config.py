@@ -1,0 +1,275 @@
+"""Training configuration: frozen dataclasses that YAML / TOML files map onto 1:1, validated before any work.
+
+Every field has a default. Stage defaults are the paper's Table 5 (1.3B): learning rate, warm-up, steps
+and the MMU:T2I batch ratio; the optimiser is AdamW with betas (0.9, 0.95), no weight decay, gradient
+clipping at 1.0 and a cosine schedule with warm-up (section 4.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+STAGES = ("stage1-mmu", "stage1-t2i", "stage2-unified")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One training stage. batch = (MMU samples, T2I samples) per optimiser step (global, all ranks)."""
+
+    name: str = "stage2-unified"
+    steps: int = 150_000
+    lr: float = 1e-4
+    warmup: int = 0
+    batch: tuple[int, int] = (3, 48)
+    min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "batch", tuple(int(b) for b in self.batch))
+        if self.name not in STAGES:
+            raise UserError(f"unknown stage {self.name!r}; stages are {list(STAGES)}")
+        if self.steps < 1:
+            raise UserError(f"stage {self.name}: steps must be >= 1, got {self.steps}")
+        if not self.lr > 0:
+            raise UserError(f"stage {self.name}: lr must be > 0, got {self.lr}")
+        if self.warmup < 0:
+            raise UserError(f"stage {self.name}: warmup must be >= 0, got {self.warmup}")
+        if len(self.batch) != 2 or min(self.batch) < 0 or sum(self.batch) == 0:
+            raise UserError(f"stage {self.name}: batch is the MMU:T2I ratio as two non-negative counts, "
+                            f"not both 0; got {list(self.batch)}")
+        need = {"stage1-mmu": (True, False), "stage1-t2i": (False, True)}.get(self.name)
+        if need and (bool(self.batch[0]) != need[0] or bool(self.batch[1]) != need[1]):
+            raise UserError(f"stage {self.name} trains one task: its batch must be "
+                            f"{'[N, 0]' if need[0] else '[0, N]'}, got {list(self.batch)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UserError(f"stage {self.name}: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up to lr, then cosine decay to lr * min_lr_ratio at the last step."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        floor = self.lr * self.min_lr_ratio
+        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# Table 5 of the paper (1.3B).
+PAPER_STAGES = (
+    StageConfig("stage1-mmu", steps=5_000, lr=1e-3, warmup=100, batch=(256, 0)),
+    StageConfig("stage1-t2i", steps=100_000, lr=8e-4, warmup=1_000, batch=(0, 720)),
+    StageConfig("stage2-unified", steps=150_000, lr=1e-4, warmup=0, batch=(3, 48)),
+)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    preset: str = "omnimamba-1.3b"
+    overrides: dict = field(default_factory=dict)  # OmniMambaConfig fields, e.g. {caption_dropout: 0.1}
+    init: str | None = None      # an OmniMamba directory to start from
+    mamba2: str | None = None    # a Mamba-2 checkpoint directory (state-spaces or transformers)
+    vq: str | None = None        # LlamaGen's VQ checkpoint, or a VQ directory written by omnimamba
+    tokenizer: str | None = None  # tokenizer.json (real presets); the Shapes tokenizer otherwise
+    train_understanding: bool = False  # only for encoders without pretrained weights (shapes-tiny)
+
+
+@dataclass(frozen=True)
+class ShapesSection:
+    seed: int = 0
+    image_size: int = 64
+    train_images: int = 20_000
+    textured_background: float = 0.3
+
+
+@dataclass(frozen=True)
+class DataSection:
+    source: str = "shapes"           # "shapes" | "files"
+    shapes: ShapesSection = field(default_factory=ShapesSection)
+    llava: str | None = None         # LLaVA conversation JSON / JSONL (MMU)
+    coco: str | None = None          # COCO captions JSON (T2I)
+    image_root: str | None = None    # image paths are relative to this (default: each file's folder)
+    skip_bad: bool = False           # count, log and skip malformed samples instead of stopping
+    codes_cache: str | None = None   # where T2I image codes are cached (default: <run.out>/codes.safetensors)
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class VQTrainSection:
+    """Training the VQ tokenizer of the embedded default (skipped when model.vq names a checkpoint)."""
+
+    steps: int = 0
+    lr: float = 2e-3
+    batch: int = 32
+    perceptual: bool = False  # no perceptual/GAN loss: the "perceptual-free" variant
+
+
+@dataclass(frozen=True)
+class RunSection:
+    out: str = "runs/omnimamba"
+    seed: int = 0
+    device: str = "auto"         # "auto" | "cpu" | "cuda" | "cuda:N"
+    precision: str = "auto"      # "auto" (bf16 autocast on GPU, fp32 on CPU) | "bf16" | "fp32"
+    log_every: int = 10
+    eval_every: int = 0          # 0: evaluate at the end of each stage only
+    ckpt_every: int = 500
+    eval_images: int = 50        # Shapes validation images for MMU evaluation
+    eval_prompts: int = 24       # Shapes validation prompts for T2I evaluation
+    eval_guidance: float = 3.0
+    tensorboard: bool = True
+    progress: bool = True
+    strategy: str = "ddp"        # multi-process: "ddp" | "fsdp" (FSDP2)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    stages: tuple[StageConfig, ...] = PAPER_STAGES
+    vq_train: VQTrainSection = field(default_factory=VQTrainSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(self.stages))
+        if not self.stages:
+            raise UserError("train config: 'stages' is empty")
+        if self.data.source not in ("shapes", "files"):
+            raise UserError(f"data.source must be 'shapes' or 'files', got {self.data.source!r}")
+        if self.data.source == "files":
+            needs = {"mmu": any(s.batch[0] for s in self.stages), "t2i": any(s.batch[1] for s in self.stages)}
+            if needs["mmu"] and not self.data.llava:
+                raise UserError("data.source is 'files' and a stage trains MMU: set data.llava")
+            if needs["t2i"] and not self.data.coco:
+                raise UserError("data.source is 'files' and a stage trains T2I: set data.coco")
+        for name in ("init", "mamba2", "vq", "tokenizer"):
+            _check_path(getattr(self.model, name), f"model.{name}")
+        for name in ("llava", "coco", "image_root"):
+            _check_path(getattr(self.data, name), f"data.{name}")
+        if self.run.precision not in ("auto", "bf16", "fp32"):
+            raise UserError(f"run.precision must be auto, bf16 or fp32, got {self.run.precision!r}")
+        if self.run.strategy not in ("ddp", "fsdp"):
+            raise UserError(f"run.strategy must be ddp or fsdp, got {self.run.strategy!r}")
+        if self.optim.grad_clip <= 0 or self.optim.weight_decay < 0:
+            raise UserError("optim.grad_clip must be > 0 and optim.weight_decay >= 0")
+        if self.vq_train.steps < 0 or self.vq_train.lr <= 0 or self.vq_train.batch < 1:
+            raise UserError("vq_train: steps >= 0, lr > 0 and batch >= 1 are required")
+        for name in ("log_every", "ckpt_every"):
+            if getattr(self.run, name) < 1:
+                raise UserError(f"run.{name} must be >= 1")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_path(value: str | None, name: str) -> None:
+    if value is not None and not Path(value).exists():
+        raise UserError(f"{name}: path does not exist: {value}")
+
+
+# --- building from nested dicts, with errors that name the field -------------------------------------------
+_SECTIONS = {
+    TrainConfig: {"model": ModelSection, "data": DataSection, "optim": OptimSection, "vq_train": VQTrainSection,
+                  "run": RunSection},
+    DataSection: {"shapes": ShapesSection},
+}
+
+
+def _build(cls, raw: Any, where: str):
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise UserError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(names)}")
+    kwargs = {}
+    for key, value in raw.items():
+        sub = _SECTIONS.get(cls, {}).get(key)
+        if sub is not None:
+            kwargs[key] = _build(sub, value, f"{where}.{key}")
+        elif cls is TrainConfig and key == "stages":
+            if not isinstance(value, list):
+                raise UserError(f"{where}.stages: expected a list of stages")
+            kwargs[key] = tuple(_build(StageConfig, s, f"{where}.stages[{i}]") for i, s in enumerate(value))
+        else:
+            kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise UserError(f"{where}: {e}") from e
+
+
+def config_from_dict(raw: dict) -> TrainConfig:
+    return _build(TrainConfig, raw, "train")
+
+
+def read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
+            return tomllib.loads(text)
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    except Exception as e:  # a parse error: name the file
+        raise UserError(f"{path}: cannot parse ({e})") from e
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`--set a.b.c=value` (value parsed as YAML; list items by index: stages.0.steps=10)."""
+    import copy
+
+    import yaml
+
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.grad_clip=0.5")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = node[_index(part, key)]
+            else:
+                if part == "stages" and "stages" not in node:
+                    node["stages"] = [dataclasses.asdict(s) for s in PAPER_STAGES]
+                node = node.setdefault(part, {})
+        last = parts[-1]
+        parsed = yaml.safe_load(value)
+        if isinstance(node, list):
+            node[_index(last, key)] = parsed
+        else:
+            node[last] = parsed
+    return raw
+
+
+def _index(part: str, key: str) -> int:
+    try:
+        return int(part)
+    except ValueError:
+        raise UserError(f"--set {key}: {part!r} is not a list index") from None
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    raw = read_config_file(path) if path else {}
+    return config_from_dict(apply_overrides(raw, list(overrides)))

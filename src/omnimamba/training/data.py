@@ -1,0 +1,149 @@
+"""Training data for the two tasks, indexable and deterministic: example i of a stream depends only on i and
+the seed, so a resumed or multi-process run sees exactly the samples a single uninterrupted run would.
+
+Step s of a stage uses global indices [s * B, (s + 1) * B) of each task's stream; rank r of W takes the r-th
+contiguous slice of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..data.formats import DataError, load_image, read_coco_captions, read_llava
+from ..data.shapes import ShapesConfig, ShapesWorld
+from ..errors import UserError
+from ..sequence import MMUBatch, T2IBatch, mmu_example, t2i_prefix
+
+log = logging.getLogger(__name__)
+
+
+def images_to_tensor(images: list[np.ndarray]) -> Tensor:
+    """[(H, W, 3) uint8] -> (b, 3, H, W) float in [0, 1]."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+# --- MMU ---------------------------------------------------------------------------------------------------
+class ShapesMMU:
+    """Example i: training image i mod n and one of its questions, drawn with a seeded generator."""
+
+    def __init__(self, world: ShapesWorld, n_images: int, seed: int = 0):
+        self.world, self.n, self.seed = world, n_images, seed
+
+    def example(self, index: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
+        sample = self.world.sample("train", index % self.n)
+        rng = np.random.default_rng([self.seed, 17, index])
+        q = sample.questions[int(rng.integers(len(sample.questions)))]
+        return sample.image, [(q.question, q.answer)]
+
+
+class FileMMU:
+    """LLaVA conversations; every turn of a record goes into one sequence."""
+
+    def __init__(self, path: str, image_root: str | None, image_size: int, skip_bad: bool):
+        result = read_llava(path, image_root, skip_bad=skip_bad)
+        if not result.samples:
+            raise UserError(f"{path}: no usable conversation")
+        self.samples, self.skipped = result.samples, list(result.skipped)
+        self.image_size, self.skip_bad = image_size, skip_bad
+
+    def example(self, index: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
+        for attempt in range(len(self.samples)):
+            s = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                return load_image(s.image, self.image_size), s.turns
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                self.skipped.append(str(e))
+                log.warning("skipping bad sample: %s", e)
+        raise UserError("no readable image in the MMU data")
+
+
+def mmu_batch(source, tokenizer, indices: list[int]) -> MMUBatch:
+    images, examples = [], []
+    for i in indices:
+        image, turns = source.example(i)
+        images.append(image)
+        examples.append(mmu_example(tokenizer, turns))
+    return MMUBatch.collate(images_to_tensor(images), examples, tokenizer.special)
+
+
+# --- T2I ---------------------------------------------------------------------------------------------------
+class ShapesT2I:
+    """Example i: training image i mod n with one of its captions; its codes come from the code cache."""
+
+    def __init__(self, world: ShapesWorld, n_images: int, codes: Tensor, seed: int = 0):
+        self.world, self.n, self.codes, self.seed = world, n_images, codes, seed
+
+    def example(self, index: int) -> tuple[str, Tensor]:
+        k = index % self.n
+        captions = self.world.sample("train", k).captions
+        rng = np.random.default_rng([self.seed, 29, index])
+        return captions[int(rng.integers(len(captions)))], self.codes[k]
+
+
+class FileT2I:
+    def __init__(self, samples: list, codes: Tensor):
+        self.samples, self.codes = samples, codes
+
+    def example(self, index: int) -> tuple[str, Tensor]:
+        k = index % len(self.samples)
+        return self.samples[k].caption, self.codes[k]
+
+
+def t2i_batch(source, tokenizer, indices: list[int], max_caption_tokens: int) -> T2IBatch:
+    prefixes, codes = [], []
+    for i in indices:
+        caption, c = source.example(i)
+        prefixes.append(t2i_prefix(tokenizer, caption, max_caption_tokens))
+        codes.append(c)
+    return T2IBatch.collate(prefixes, torch.stack(codes).long(), tokenizer.special)
+
+
+# --- the image-code cache ----------------------------------------------------------------------------------
+def vq_fingerprint(vq) -> str:
+    h = hashlib.sha1()
+    for k, v in sorted(vq.state_dict().items()):
+        if k.endswith("codebook_used"):
+            continue
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cached_codes(vq, images_of, n: int, path: str | Path, batch_size: int = 64, progress: bool = True,
+                 source_id: str = "") -> Tensor:
+    """Codes (n, tokens) of images_of(i) for i < n, read from `path` when it was made by this same VQ
+    from the same source, otherwise computed (progress bar) and written there. T2I training reads codes,
+    not pixels."""
+    from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
+
+    path = Path(path)
+    meta = {"vq": vq_fingerprint(vq), "n": str(n), "source": source_id}
+    meta_path = path.with_suffix(".json")
+    if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
+        return load_file(str(path))["codes"].long()
+    device = next(vq.parameters()).device
+    out = []
+    vq.eval()
+    for start in tqdm(range(0, n, batch_size), desc="caching image codes", disable=not progress):
+        batch = images_to_tensor([images_of(i) for i in range(start, min(n, start + batch_size))])
+        out.append(vq.encode(batch.to(device) * 2 - 1).cpu())
+    codes = torch.cat(out).to(torch.int32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"codes": codes}, str(path))
+    meta_path.write_text(json.dumps(meta))
+    return codes.long()
+
+
+def shapes_world(cfg) -> ShapesWorld:
+    s = cfg.data.shapes
+    return ShapesWorld(ShapesConfig(image_size=s.image_size, textured_background=s.textured_background), seed=s.seed)

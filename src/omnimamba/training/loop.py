@@ -1,0 +1,367 @@
+"""The training loop: named stages run in order, one process or many (torchrun: DDP, or FSDP2 for models
+that do not fit one GPU), with exact resumption, metrics, periodic evaluation and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UserError
+from ..model import OmniMamba, preset
+from ..tokenizer import TextTokenizer
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .config import StageConfig, TrainConfig
+from .data import (FileMMU, FileT2I, ShapesMMU, ShapesT2I, cached_codes, mmu_batch, shapes_world, t2i_batch)
+from .stages import apply_freeze_plan, freeze_summary
+from .vq import load_vq, save_vq, train_vq
+
+NO_DECAY = ("A_log", "D", "dt_bias", "norm", "bias", "embed", "pos_embed", "null_caption")
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, log=print):
+        self.cfg = config
+        self.out = Path(config.run.out)
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.distributed = self.world_size > 1
+        self.device = self._device()
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.log = log if self.rank == 0 else (lambda *a, **k: None)
+        for stage in config.stages:
+            for n, what in zip(stage.batch, ("MMU", "T2I")):
+                if n % self.world_size:
+                    raise UserError(f"stage {stage.name}: the {what} batch {n} is not divisible by the "
+                                    f"{self.world_size} processes")
+        torch.manual_seed(config.run.seed)
+        self.tokenizer = (TextTokenizer.from_file(config.model.tokenizer) if config.model.tokenizer
+                          else TextTokenizer.shapes())
+        self.model = self._build_model().to(self.device)
+        self.model.tokenizer = self.tokenizer
+        self.world = shapes_world(config) if config.data.source == "shapes" else None
+        self.mmu_source = self.t2i_source = None
+        self._metrics = None
+        self._tb = None
+
+    # --- set-up -------------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        want = self.cfg.run.device
+        if want == "auto":
+            want = "cuda" if torch.cuda.is_available() else "cpu"
+        if want == "cuda" and self.distributed:
+            want = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        if want.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"run.device is {self.cfg.run.device!r} but no CUDA device is available")
+        if want.startswith("cuda"):
+            torch.cuda.set_device(torch.device(want))
+        return torch.device(want)
+
+    def _build_model(self) -> OmniMamba:
+        m = self.cfg.model
+        if m.init:
+            model = OmniMamba.from_pretrained(m.init)
+            return model.train()
+        overrides = dict(m.overrides)
+        if m.preset == "shapes-tiny":
+            overrides.setdefault("text_base_vocab_size", self.tokenizer.base_vocab_size)
+        config = _preset_with(m.preset, overrides)
+        if config.text_base_vocab_size != self.tokenizer.base_vocab_size:
+            raise UserError(f"the tokenizer has {self.tokenizer.base_vocab_size} tokens before the specials, the "
+                            f"model config {config.text_base_vocab_size}: set model.overrides.text_base_vocab_size")
+        vq_file = m.vq if m.vq and Path(m.vq).is_file() else None
+        model = OmniMamba.from_components(config, mamba2_path=m.mamba2, vq_path=vq_file)
+        if m.vq and Path(m.vq).is_dir():
+            model.vq.load_state_dict(load_vq(m.vq).state_dict())
+        return model.train()
+
+    @property
+    def precision_ctx(self):
+        p = self.cfg.run.precision
+        if p == "bf16" or (p == "auto" and self.device.type == "cuda"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def prepare_vq(self) -> None:
+        """Train the embedded default's VQ tokenizer if asked (and no checkpoint was given)."""
+        v = self.cfg.vq_train
+        if self.cfg.model.vq or self.cfg.model.init or v.steps == 0:
+            return
+        vq_dir = self.out / "vq"
+        if (vq_dir / "config.json").is_file():
+            self.model.vq.load_state_dict(load_vq(vq_dir).state_dict())
+            self.log(f"VQ tokenizer: reusing {vq_dir}")
+            return
+        if self.world is None:
+            raise UserError("vq_train.steps > 0 trains the VQ on the Shapes world only; for real data set model.vq")
+        if self.rank == 0:
+            n = self.cfg.data.shapes.train_images
+            r = train_vq(self.model.vq, lambda i: self.world.sample("train", i).image, n, v.steps, v.lr, v.batch,
+                         seed=self.cfg.run.seed, device=self.device, progress=self.cfg.run.progress)
+            save_vq(self.model.vq, vq_dir)
+            self.log(f"VQ tokenizer: {v.steps} steps, reconstruction loss {r['final_recon_loss']:.4f}, saved to {vq_dir}")
+        if self.distributed:
+            dist.barrier()
+            self.model.vq.load_state_dict(load_vq(vq_dir).state_dict())
+
+    def prepare_data(self) -> None:
+        c = self.cfg
+        needs_mmu = any(s.batch[0] for s in c.stages)
+        needs_t2i = any(s.batch[1] for s in c.stages)
+        cache = Path(c.data.codes_cache) if c.data.codes_cache else self.out / "codes.safetensors"
+        vq_size = self.model.config.vq.image_size
+        if c.data.source == "shapes":
+            n = c.data.shapes.train_images
+            if needs_mmu:
+                self.mmu_source = ShapesMMU(self.world, n, c.run.seed)
+            if needs_t2i:
+                codes = self._codes(lambda i: self.world.sample("train", i).image, n, cache,
+                                    f"shapes seed={c.data.shapes.seed} size={c.data.shapes.image_size}")
+                self.t2i_source = ShapesT2I(self.world, n, codes, c.run.seed)
+        else:
+            from ..data.formats import load_image, read_coco_captions
+
+            if needs_mmu:
+                self.mmu_source = FileMMU(c.data.llava, c.data.image_root, self.model.config.understanding.image_size,
+                                          c.data.skip_bad)
+                self._report_skipped("MMU", self.mmu_source.skipped)
+            if needs_t2i:
+                read = read_coco_captions(c.data.coco, c.data.image_root, skip_bad=c.data.skip_bad)
+                self._report_skipped("T2I", read.skipped)
+                samples = read.samples
+                codes = self._codes(lambda i: load_image(samples[i].image, vq_size), len(samples), cache,
+                                    f"coco {Path(c.data.coco).resolve()}")
+                self.t2i_source = FileT2I(samples, codes)
+
+    def _codes(self, images_of, n, cache, source_id):
+        if self.rank == 0:
+            codes = cached_codes(self.model.vq, images_of, n, cache, progress=self.cfg.run.progress,
+                                 source_id=source_id)
+        if self.distributed:
+            dist.barrier()
+            if self.rank != 0:
+                codes = cached_codes(self.model.vq, images_of, n, cache, progress=False, source_id=source_id)
+        return codes
+
+    def _report_skipped(self, what: str, skipped: list[str]) -> None:
+        if skipped:
+            self.log(f"{what} data: skipped {len(skipped)} bad sample(s) (data.skip_bad is on); first: {skipped[0]}")
+
+    # --- the loop -----------------------------------------------------------------------------------
+    def _optimizer(self, model) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (no_decay if any(k in name for k in NO_DECAY) else decay).append(p)
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=1.0, betas=tuple(o.betas), eps=o.eps)
+
+    def _wrap(self, model):
+        if not self.distributed:
+            return model
+        if self.cfg.run.strategy == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.backbone.layers:
+                fully_shard(layer)
+            fully_shard(model)
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                   find_unused_parameters=True)
+
+    def _slice(self, step: int, batch: int) -> list[int]:
+        """This rank's share of the global sample indices of `step`."""
+        per = batch // self.world_size
+        start = step * batch + self.rank * per
+        return list(range(start, start + per))
+
+    def _step_loss(self, engine, step: int, stage: StageConfig) -> tuple[torch.Tensor, dict[str, float], int]:
+        mb = bt = None
+        if stage.batch[0]:
+            mb = mmu_batch(self.mmu_source, self.tokenizer, self._slice(step, stage.batch[0])).to(self.device)
+        if stage.batch[1]:
+            bt = t2i_batch(self.t2i_source, self.tokenizer, self._slice(step, stage.batch[1]),
+                           self.model.config.max_caption_tokens).to(self.device)
+        with self.precision_ctx:
+            out = engine(mmu=mb, t2i=bt)
+        # Normalise by the global number of target tokens, so N processes compute exactly the gradient
+        # of one process holding the whole batch (DDP averages gradients over the processes).
+        total, logs = 0.0, {}
+        for task in ("mmu", "t2i"):
+            if f"{task}_loss_sum" not in out:
+                continue
+            count = out[f"{task}_tokens"].detach().float()
+            if self.distributed:
+                dist.all_reduce(count)
+            loss = out[f"{task}_loss_sum"] / count.clamp(min=1) * self.world_size
+            total = total + loss
+            logs[f"{task}_loss"] = loss.item() / self.world_size
+        tokens = 0  # sequence positions processed, image features included
+        if mb is not None:
+            tokens += mb.text_ids.numel() + mb.text_ids.size(0) * (self.model.understanding.num_patches + 4)
+        if bt is not None:
+            tokens += bt.prefix_ids.numel() + bt.image_codes.numel() + bt.image_codes.size(0)
+        return total, logs, tokens
+
+    def run(self, resume: bool = False, only: list[str] | None = None) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            (self.out / "train_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1, default=str))
+        self.prepare_vq()
+        self.prepare_data()
+        ckpts = list_checkpoints(self.out / "checkpoints") if resume else []
+        start = json.loads((ckpts[-1] / "state.json").read_text()) if ckpts else None
+        if resume and not ckpts:
+            self.log(f"--resume: no checkpoint under {self.out / 'checkpoints'}; starting from the beginning")
+        results = {}
+        for index, stage in enumerate(self.cfg.stages):
+            if only and stage.name not in only:
+                continue
+            if start is not None and index < start["stage_index"]:
+                continue
+            resume_from = ckpts[-1] if start is not None and index == start["stage_index"] else None
+            results[stage.name] = self.run_stage(index, stage, resume_from)
+            start = None
+        self.close()
+        return results
+
+    def run_stage(self, index: int, stage: StageConfig, resume_from: Path | None = None) -> dict:
+        from tqdm import tqdm
+
+        c = self.cfg
+        apply_freeze_plan(self.model, stage.name, c.model.train_understanding)
+        self.model.train()
+        self.model.vq.eval()
+        if not c.model.train_understanding:
+            self.model.understanding.eval()
+        self.log(f"\n== {stage.name}: {stage.steps} steps, lr {stage.lr:g}, warm-up {stage.warmup}, "
+                 f"batch MMU:T2I = {stage.batch[0]}:{stage.batch[1]} ==")
+        self.log(freeze_summary(self.model))
+        engine = self._wrap(self.model)
+        opt = self._optimizer(self.model)
+        first = 0
+        if resume_from is not None:
+            state = load_checkpoint(resume_from, self.model, opt)
+            first = state["step"] + 1
+            self.log(f"resumed from {resume_from} (step {state['step']})")
+        bar = tqdm(range(first, stage.steps), desc=stage.name, initial=first, total=stage.steps,
+                   disable=not (c.run.progress and self.rank == 0))
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        t0, tokens_since = time.perf_counter(), 0
+        for step in bar:
+            lr = stage.lr_at(step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss, logs, tokens = self._step_loss(engine, step, stage)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, c.optim.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tokens_since += tokens * self.world_size
+            if step % c.run.log_every == 0 or step == stage.steps - 1:
+                dt = time.perf_counter() - t0
+                rec = {"stage": stage.name, "step": step, "lr": lr, "loss": sum(logs.values()), **logs,
+                       "grad_norm": float(grad_norm), "tokens_per_s": tokens_since / max(dt, 1e-9)}
+                self._log_metrics(rec, index)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                t0, tokens_since = time.perf_counter(), 0
+            last = step == stage.steps - 1
+            if c.run.eval_every and (step + 1) % c.run.eval_every == 0 and not last:
+                self.evaluate(stage.name, step)
+            if (step + 1) % c.run.ckpt_every == 0 or last:
+                self._checkpoint(opt, index, stage, step)
+        bar.close()
+        last_eval = self.evaluate(stage.name, stage.steps - 1)
+        if self.rank == 0:
+            self.model.save_pretrained(self.out / stage.name, tokenizer=self.tokenizer)
+            self.log(f"saved {self.out / stage.name}")
+        return last_eval or {}
+
+    def _checkpoint(self, opt, index, stage, step) -> None:
+        if self.cfg.run.strategy == "fsdp" and self.distributed:
+            return  # sharded state: checkpoint with the final save_pretrained of each stage
+        if self.rank == 0:
+            save_checkpoint(self.out / "checkpoints", self.model, opt, index, stage.name, step)
+        if self.distributed:
+            dist.barrier()
+
+    def _log_metrics(self, rec: dict, index: int) -> None:
+        if self.rank != 0:
+            return
+        if self._metrics is None:
+            self._metrics = open(self.out / "metrics.jsonl", "a")
+            if self.cfg.run.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._tb = SummaryWriter(str(self.out / "tensorboard"))
+                except ImportError:
+                    self._tb = None
+        self._metrics.write(json.dumps(rec) + "\n")
+        self._metrics.flush()
+        if self._tb is not None:
+            global_step = index * 10_000_000 + rec["step"]
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(f"{rec['stage']}/{k}", v, global_step)
+
+    def evaluate(self, stage: str, step: int) -> dict | None:
+        """Shapes scores on the validation split, plus a picture of samples (rank 0, Shapes data only)."""
+        if self.rank != 0 or self.world is None:
+            return None
+        from ..evaluation.shapes_eval import evaluate_mmu, evaluate_t2i, save_evaluation_picture
+
+        r = self.cfg.run
+        self.model.eval()
+        result: dict = {"stage": stage, "step": step}
+        answered, generated = [], []
+        if self.mmu_source is not None and r.eval_images:
+            result["mmu"], answered = evaluate_mmu(self.model, self.tokenizer, self.world, "val", r.eval_images)
+        if self.t2i_source is not None and r.eval_prompts:
+            result["t2i"], generated = evaluate_t2i(self.model, self.tokenizer, self.world, "val", r.eval_prompts,
+                                                    r.eval_guidance)
+        self.model.train()
+        self.model.vq.eval()
+        out = self.out / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stage}-{step + 1:07d}.json").write_text(json.dumps(result, indent=1))
+        save_evaluation_picture(out / f"{stage}-{step + 1:07d}.png", generated, answered, self.world, "val")
+        msg = [f"eval {stage} step {step + 1}:"]
+        if "mmu" in result:
+            msg.append(f"MMU accuracy {result['mmu']['accuracy']['overall']:.1%}")
+        if "t2i" in result:
+            msg.append(f"T2I score {result['t2i']['overall']:.1%}")
+        self.log(" ".join(msg))
+        self._log_metrics({"stage": stage, "step": step, "eval_mmu": result.get("mmu", {}).get("accuracy", {}).get("overall"),
+                           "eval_t2i": result.get("t2i", {}).get("overall")}, 0)
+        return result
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _preset_with(name: str, overrides: dict):
+    known = {"text_base_vocab_size", "max_caption_tokens", "caption_dropout", "task_lora", "lora_rank",
+             "lora_alpha", "lora_dropout", "decoupled_vocab"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UserError(f"model.overrides: unknown field(s) {unknown}; known: {sorted(known)}")
+    if name == "shapes-tiny":
+        from ..model import shapes_tiny_config
+
+        cfg = shapes_tiny_config(overrides.pop("text_base_vocab_size", None))
+        return cfg.replace(**overrides) if overrides else cfg
+    return preset(name, **overrides)
