@@ -288,6 +288,8 @@ class OmniMamba(nn.Module):
         b, N = batch.image_codes.shape
         if N != self.config.image_tokens:
             raise UserError(f"expected {self.config.image_tokens} image codes per image, got {N}")
+        if drop is None:
+            drop = batch.drop
         if drop is None and self.training and self.config.caption_dropout > 0:
             drop = torch.rand(b, device=batch.image_codes.device) < self.config.caption_dropout
         prefix = self.t2i_prefix_embeddings(batch.prefix_ids, batch.prefix_mask, batch.caption_mask, drop)

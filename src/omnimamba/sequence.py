@@ -111,14 +111,15 @@ class T2IBatch:
     prefix_mask: Tensor   # (b, P) 1 on real tokens
     caption_mask: Tensor  # (b, P) True on caption tokens
     image_codes: Tensor   # (b, N)
+    drop: Tensor | None = None  # (b,) True where the caption is replaced by the null caption (CFG training)
 
     @classmethod
     def collate(cls, prefixes: list[tuple[list[int], list[bool]]], image_codes: Tensor,
-                special: SpecialIds) -> "T2IBatch":
+                special: SpecialIds, drop: list[bool] | None = None) -> "T2IBatch":
         ids, mask = pad_left([p[0] for p in prefixes], special.eot)
         cap, _ = pad_left([p[1] for p in prefixes], False)
-        return cls(ids, mask, cap.bool(), image_codes)
+        return cls(ids, mask, cap.bool(), image_codes, None if drop is None else torch.tensor(drop))
 
     def to(self, device) -> "T2IBatch":
         return T2IBatch(self.prefix_ids.to(device), self.prefix_mask.to(device), self.caption_mask.to(device),
-                        self.image_codes.to(device))
+                        self.image_codes.to(device), None if self.drop is None else self.drop.to(device))

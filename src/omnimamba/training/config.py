@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,7 @@ def _build(cls, raw: Any, where: str):
     if not isinstance(raw, dict):
         raise UserError(f"{where}: expected a mapping, got {type(raw).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     unknown = sorted(set(raw) - names)
     if unknown:
         raise UserError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(names)}")
@@ -204,11 +206,23 @@ def _build(cls, raw: Any, where: str):
                 raise UserError(f"{where}.stages: expected a list of stages")
             kwargs[key] = tuple(_build(StageConfig, s, f"{where}.stages[{i}]") for i, s in enumerate(value))
         else:
-            kwargs[key] = value
+            kwargs[key] = _coerce(value, hints.get(key), f"{where}.{key}")
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise UserError(f"{where}: {e}") from e
+
+
+def _coerce(value: Any, hint, where: str) -> Any:
+    """Numbers written as strings (YAML reads 1e-4 as a string) become the field's type."""
+    try:
+        if hint is float and isinstance(value, (str, int)) and not isinstance(value, bool):
+            return float(value)
+        if hint is int and isinstance(value, str):
+            return int(value)
+    except ValueError:
+        raise UserError(f"{where}: expected a {hint.__name__}, got {value!r}") from None
+    return value
 
 
 def config_from_dict(raw: dict) -> TrainConfig:

@@ -98,13 +98,17 @@ class FileT2I:
         return self.samples[k].caption, self.codes[k]
 
 
-def t2i_batch(source, tokenizer, indices: list[int], max_caption_tokens: int) -> T2IBatch:
-    prefixes, codes = [], []
+def t2i_batch(source, tokenizer, indices: list[int], max_caption_tokens: int, caption_dropout: float = 0.0,
+              seed: int = 0) -> T2IBatch:
+    """Caption dropout is drawn per sample index (not from the global RNG), so it does not depend on how
+    the batch is split across processes."""
+    prefixes, codes, drop = [], [], []
     for i in indices:
         caption, c = source.example(i)
         prefixes.append(t2i_prefix(tokenizer, caption, max_caption_tokens))
         codes.append(c)
-    return T2IBatch.collate(prefixes, torch.stack(codes).long(), tokenizer.special)
+        drop.append(bool(np.random.default_rng([seed, 31, i]).random() < caption_dropout))
+    return T2IBatch.collate(prefixes, torch.stack(codes).long(), tokenizer.special, drop)
 
 
 # --- the image-code cache ----------------------------------------------------------------------------------

@@ -24,8 +24,12 @@ from .vq import load_vq, save_vq, train_vq
 NO_DECAY = ("A_log", "D", "dt_bias", "norm", "bias", "embed", "pos_embed", "null_caption")
 
 
+def _print(*args, **kwargs):
+    print(*args, **kwargs, flush=True)
+
+
 class Trainer:
-    def __init__(self, config: TrainConfig, log=print):
+    def __init__(self, config: TrainConfig, log=_print):
         self.cfg = config
         self.out = Path(config.run.out)
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -190,7 +194,8 @@ class Trainer:
             mb = mmu_batch(self.mmu_source, self.tokenizer, self._slice(step, stage.batch[0])).to(self.device)
         if stage.batch[1]:
             bt = t2i_batch(self.t2i_source, self.tokenizer, self._slice(step, stage.batch[1]),
-                           self.model.config.max_caption_tokens).to(self.device)
+                           self.model.config.max_caption_tokens, self.model.config.caption_dropout,
+                           self.cfg.run.seed).to(self.device)
         with self.precision_ctx:
             out = engine(mmu=mb, t2i=bt)
         # Normalise by the global number of target tokens, so N processes compute exactly the gradient

@@ -1,0 +1,62 @@
+"""Training configs: the paper's defaults, overrides, and bad values failing before any work."""
+
+import pytest
+
+from omnimamba.errors import UserError
+from omnimamba.training.config import PAPER_STAGES, StageConfig, TrainConfig, load_train_config
+
+
+def test_defaults_are_the_papers():
+    cfg = TrainConfig()
+    assert [(s.name, s.lr, s.warmup, s.steps, s.batch) for s in cfg.stages] == [
+        ("stage1-mmu", 1e-3, 100, 5_000, (256, 0)),
+        ("stage1-t2i", 8e-4, 1_000, 100_000, (0, 720)),
+        ("stage2-unified", 1e-4, 0, 150_000, (3, 48)),
+    ]
+    assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.weight_decay == 0 and cfg.optim.grad_clip == 1.0
+    assert cfg.model.preset == "omnimamba-1.3b"
+
+
+def test_cosine_schedule_with_warmup():
+    s = StageConfig("stage2-unified", steps=110, lr=1.0, warmup=10, batch=(1, 1))
+    assert s.lr_at(0) == pytest.approx(0.1) and s.lr_at(9) == pytest.approx(1.0)
+    assert s.lr_at(10) == pytest.approx(1.0) and s.lr_at(60) == pytest.approx(0.5)
+    assert s.lr_at(110) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    (tmp_path / "c.yaml").write_text("model: {preset: shapes-tiny}\nstages:\n  - {name: stage1-mmu, steps: 5, "
+                                     "lr: 0.01, batch: [4, 0]}\n")
+    cfg = load_train_config(tmp_path / "c.yaml", ["stages.0.steps=7", "optim.grad_clip=0.5", "run.out=x"])
+    assert cfg.stages[0].steps == 7 and cfg.optim.grad_clip == 0.5 and cfg.run.out == "x"
+    # overriding a stage field without a stages list starts from the paper's stages
+    cfg = load_train_config(None, ["stages.2.lr=3e-5"])
+    assert cfg.stages[2].lr == 3e-5 and cfg.stages[0] == PAPER_STAGES[0]
+    (tmp_path / "c.toml").write_text('[run]\nout = "t"\n[optim]\ngrad_clip = 2.0\n')
+    assert load_train_config(tmp_path / "c.toml").optim.grad_clip == 2.0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("stages.0.name=stage3", "unknown stage 'stage3'"),
+    ("stages.0.lr=-1e-4", "lr must be > 0"),
+    ("stages.2.batch=[0, 0]", "not both 0"),
+    ("stages.0.batch=[4, 4]", "trains one task"),
+    ("model.mamba2=/no/such/dir", "model.mamba2: path does not exist"),
+    ("data.llava=/no/such.json", "data.llava: path does not exist"),
+    ("optim.lrr=1", r"unknown field\(s\) \['lrr'\]"),
+    ("run.precision=fp8", "run.precision"),
+    ("stages.0.steps=0", "steps must be >= 1"),
+])
+def test_bad_values_fail_before_any_work(override, message):
+    with pytest.raises(UserError, match=message):
+        load_train_config(None, [override])
+
+
+def test_missing_config_file_and_bad_syntax(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_train_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(UserError, match="cannot parse"):
+        load_train_config(tmp_path / "bad.yaml")
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        load_train_config(None, ["stages"])
