@@ -67,7 +67,7 @@ def test_errors_name_the_problem():
         enc(torch.rand(1, 3, 32, 32))
     with pytest.raises(UserError, match="RGB images"):
         enc(torch.rand(1, 4, 64, 64))
-    with pytest.raises(UserError, match="kind must be 'timm' or 'tiny'"):
+    with pytest.raises(UserError, match="kind must be 'timm', 'tiny' or 'vq-encoder'"):
         UnderstandingConfig(kind="resnet")
     with pytest.raises(UserError, match="one path"):
         UnderstandingConfig(backbones=PAIR, weights=("a",))

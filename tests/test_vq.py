@@ -50,7 +50,7 @@ def test_tiny_round_trip_shapes(tiny_vq):
         out = tiny_vq.decode(codes)
     assert out.shape == (2, 3, 64, 64)
     rec, codes2, losses = tiny_vq(images)
-    assert torch.equal(codes2.flatten(1), codes) and set(losses) == {"codebook", "commitment"}
+    assert torch.equal(codes2.flatten(1), codes) and set(losses) == {"codebook", "commitment", "z"}
 
 
 def test_codebook_vectors_quantise_to_themselves(tiny_vq):

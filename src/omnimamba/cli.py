@@ -67,6 +67,109 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import run_quickstart
+
+    run_quickstart(args.out, args.set or [])
+    return 0
+
+
+def _load_model(args: argparse.Namespace):
+    import torch
+
+    from .model import OmniMamba
+
+    model = OmniMamba.from_pretrained(args.model)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA device is available")
+    return model.to(device)
+
+
+def _stream(pieces) -> str:
+    text = ""
+    for piece in pieces:
+        print(piece, end="", flush=True)
+        text += piece
+    print()
+    return text
+
+
+def cmd_answer(args: argparse.Namespace) -> int:
+    from .inference import to_pixels
+
+    model = _load_model(args)
+    to_pixels([args.image], model.config.understanding.image_size)  # a bad file fails before any work
+    _stream(model.answer(args.image, args.question, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                         stream=True))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .inference import to_pixels
+
+    model = _load_model(args)
+    to_pixels([args.image], model.config.understanding.image_size)
+    history: list[tuple[str, str]] = []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting about {args.image}; an empty line, 'exit' or Ctrl-D ends")
+    while True:
+        if interactive:
+            print("you: ", end="", flush=True)
+        line = sys.stdin.readline()
+        question = line.strip()
+        if not line or question in ("", "exit", "quit"):
+            return 0
+        if interactive:
+            print("omnimamba: ", end="", flush=True)
+        reply = _stream(model.answer(args.image, question, max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                     seed=args.seed, stream=True, history=history))
+        history.append((question, reply))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from .data.formats import picture_grid
+
+    model = _load_model(args)
+    images = model.generate_images([args.prompt] * args.n, guidance_scale=args.guidance, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+                                   progress=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        im.save(out / f"image-{i:03d}.png")
+    picture_grid([(np.asarray(im), args.prompt) for im in images], out / "grid.png")
+    print(f"wrote {len(images)} image(s) and grid.png to {out}")
+    return 0
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--model", default="runs/quickstart/stage2-unified",
+                   help="model directory (default: the quickstart's, runs/quickstart/stage2-unified)")
+    p.add_argument("--temperature", type=_non_negative_float, default=temperature,
+                   help=f"sampling temperature, 0 = greedy (default: {temperature:g})")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = all (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import backbone_demo
 
@@ -91,10 +194,33 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    p = sub.add_parser("quickstart", help="the main job on the embedded default (today: the backbone demo)")
-    p.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("quickstart", help="train shapes-tiny through both stages on the Shapes world, then score it")
+    p.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of the quickstart config")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("answer", help="answer a question about an image (streams the answer)")
+    p.add_argument("question", help="the question, e.g. \"how many circles are there?\"")
+    p.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="longest answer (default: 64)")
+    _sampling_args(p, temperature=0.0)
+    p.set_defaults(func=cmd_answer)
+
+    p = sub.add_parser("chat", help="several questions about one image, one per line on standard input")
+    p.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="longest answer (default: 64)")
+    _sampling_args(p, temperature=0.0)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="generate images from a text prompt (PNGs and a grid)")
+    p.add_argument("prompt", help="the text prompt, e.g. \"two red circles\"")
+    p.add_argument("--n", type=_positive_int, default=4, help="number of images (default: 4)")
+    p.add_argument("--guidance", type=_non_negative_float, default=3.0,
+                   help="classifier-free guidance scale, 1 = off (default: 3.0)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch (default: 16)")
+    p.add_argument("--out", default="generated", help="output directory (default: generated)")
+    _sampling_args(p, temperature=1.0)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="train OmniMamba through named stages (see configs/)")
     p.add_argument("--config", help="YAML or TOML run config; every field has a default (the paper's)")
@@ -104,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", action="append", help="run only this stage (repeatable)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="train a tiny Mamba-2 on arithmetic progressions and decode with the cache")
+    p = sub.add_parser("demo", help="backbone only: a tiny Mamba-2 learns arithmetic progressions, decodes with the cache")
     p.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=cmd_demo)

@@ -115,7 +115,7 @@ def shapes_tiny_config(text_base_vocab_size: int | None = None) -> OmniMambaConf
     return OmniMambaConfig(
         backbone=Mamba2Config(d_model=128, n_layer=4, vocab_size=vocab, pad_vocab_size_multiple=8, d_state=32,
                               headdim=32, chunk_size=64, tie_embeddings=True),
-        understanding=UnderstandingConfig(kind="tiny", image_size=64, tiny_width=128, tiny_patch=8),
+        understanding=UnderstandingConfig(kind="vq-encoder", image_size=64),
         vq=VQConfig.tiny(),
         text_base_vocab_size=text_base_vocab_size,
         max_caption_tokens=24,
@@ -186,7 +186,7 @@ class OmniMamba(nn.Module):
         if c.task_lora:
             add_task_lora(self.backbone, rank=c.lora_rank, alpha=c.lora_alpha, dropout=c.lora_dropout)
         self.lm_head = nn.Linear(d, c.backbone.padded_vocab_size, bias=False)
-        self.understanding = build_understanding_encoder(c.understanding)
+        self.understanding = build_understanding_encoder(c.understanding, c.vq)
         self.projector = FusedMLPProjector(self.understanding.feature_dim, d)
         if c.decoupled_vocab:
             self.image_embedding = ImageTokenEmbedding(c.vq.codebook_size, d)
@@ -343,6 +343,14 @@ class OmniMamba(nn.Module):
         out = self(**{check_task(task): batch})
         return out[f"{task}_logits"], out[f"{task}_loss"]
 
+    @torch.no_grad()
+    def init_understanding_from_vq(self) -> bool:
+        """For a 'vq-encoder' understanding encoder: copy the (trained) tokenizer's encoder weights."""
+        if self.config.understanding.kind != "vq-encoder":
+            return False
+        self.understanding.encoder.load_state_dict(self.vq.encoder.state_dict())
+        return True
+
     def merge_lora(self, task: str) -> None:
         """Fold one task's LoRA route into the in_proj weights (inference for that task only)."""
         for layer in self.backbone.layers:
@@ -452,6 +460,27 @@ class OmniMamba(nn.Module):
             hidden = self.backbone.step(emb, cache, task=route)
         return torch.stack(codes, 1)
 
+    # --- the user-facing API (see omnimamba.inference) -------------------------------------------------
+    tokenizer = None  # a TextTokenizer, set by from_pretrained when the directory holds tokenizer.json
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise UserError("this model has no tokenizer: set model.tokenizer = TextTokenizer.from_file(...) "
+                            "or load a directory that holds tokenizer.json")
+        return self.tokenizer
+
+    def answer(self, image, question, **kwargs):
+        """Answer a question about an image (or lists of both); see `omnimamba.inference.answer`."""
+        from .inference import answer
+
+        return answer(self, self._require_tokenizer(), image, question, **kwargs)
+
+    def generate_images(self, prompts, **kwargs):
+        """PIL images for text prompts; see `omnimamba.inference.generate_images`."""
+        from .inference import generate_images
+
+        return generate_images(self, self._require_tokenizer(), prompts, **kwargs)
+
     # --- checkpoints --------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, tokenizer=None) -> None:
         """config.json + model.safetensors (+ tokenizer.json): everything `from_pretrained` needs."""
@@ -518,6 +547,7 @@ class OmniMamba(nn.Module):
                 model.lm_head.weight.data.copy_(lm.lm_head.weight)
         if vq_path is not None:
             model.vq.load_state_dict(VQModel.from_llamagen(vq_path, config.vq).state_dict())
+            model.init_understanding_from_vq()
         return model
 
 

@@ -42,6 +42,11 @@ def save_evaluation_picture(path: str | Path, generated: list, answered: list, w
                             n: int = 8) -> None:
     """One PNG: generated images with their prompts, then images with a question, the model's answer and the truth."""
     items = [(img, f"prompt: {p}") for img, p in generated[:n]]
-    for i, q, gold, pred in answered[:n]:
+    # one question from each of n different images
+    by_image = {}
+    for row in answered:
+        by_image.setdefault(row[0], []).append(row)
+    picks = [rows[k % len(rows)] for k, rows in enumerate(by_image.values())][:n]
+    for i, q, gold, pred in picks:
         items.append((world.sample(split, i).image, f"Q: {q} A: {pred} (true: {gold})"))
     picture_grid(items, path, columns=4)

@@ -112,7 +112,7 @@ class VQTrainSection:
     steps: int = 0
     lr: float = 2e-3
     batch: int = 32
-    perceptual: bool = False  # no perceptual/GAN loss: the "perceptual-free" variant
+    foreground_weight: float = 0.0  # extra reconstruction weight on pixels away from the background colour
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,7 @@ class Trainer:
         model = OmniMamba.from_components(config, mamba2_path=m.mamba2, vq_path=vq_file)
         if m.vq and Path(m.vq).is_dir():
             model.vq.load_state_dict(load_vq(m.vq).state_dict())
+            model.init_understanding_from_vq()
         return model.train()
 
     @property
@@ -100,6 +101,7 @@ class Trainer:
         vq_dir = self.out / "vq"
         if (vq_dir / "config.json").is_file():
             self.model.vq.load_state_dict(load_vq(vq_dir).state_dict())
+            self._init_understanding()
             self.log(f"VQ tokenizer: reusing {vq_dir}")
             return
         if self.world is None:
@@ -107,12 +109,18 @@ class Trainer:
         if self.rank == 0:
             n = self.cfg.data.shapes.train_images
             r = train_vq(self.model.vq, lambda i: self.world.sample("train", i).image, n, v.steps, v.lr, v.batch,
-                         seed=self.cfg.run.seed, device=self.device, progress=self.cfg.run.progress)
+                         seed=self.cfg.run.seed, device=self.device, progress=self.cfg.run.progress,
+                         foreground_weight=v.foreground_weight)
             save_vq(self.model.vq, vq_dir)
             self.log(f"VQ tokenizer: {v.steps} steps, reconstruction loss {r['final_recon_loss']:.4f}, saved to {vq_dir}")
         if self.distributed:
             dist.barrier()
             self.model.vq.load_state_dict(load_vq(vq_dir).state_dict())
+        self._init_understanding()
+
+    def _init_understanding(self) -> None:
+        if self.model.init_understanding_from_vq():
+            self.log("understanding encoder: initialised from the trained VQ tokenizer's encoder (frozen)")
 
     def prepare_data(self) -> None:
         c = self.cfg

@@ -16,33 +16,66 @@ from ..vision.vq import VQConfig, VQModel
 from .data import images_to_tensor
 
 
+def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, foreground_weight: float = 0.0) -> torch.Tensor:
+    """MSE + L1, optionally weighting pixels away from the image's median colour (its background) by
+    1 + foreground_weight: on mostly-empty images this makes small objects' colour and shape learnt first."""
+    err = (rec - x).pow(2) + (rec - x).abs()
+    if foreground_weight:
+        background = x.flatten(2).median(dim=2).values[..., None, None]
+        fg = ((x - background).abs().sum(1, keepdim=True) > 0.15).float()
+        err = err * (1 + foreground_weight * fg)
+    return err.mean()
+
+
 def train_vq(vq: VQModel, images_of, n_images: int, steps: int, lr: float, batch: int, seed: int = 0,
-             device="cpu", progress: bool = True) -> dict:
+             device="cpu", progress: bool = True, foreground_weight: float = 0.0) -> dict:
     from tqdm import tqdm
 
     vq.to(device).train()
     vq.requires_grad_(True)
     opt = torch.optim.AdamW(vq.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = np.random.default_rng([seed, 41])
+    gen = torch.Generator().manual_seed(seed)
     history = []
+    usage = torch.zeros(vq.config.codebook_size, dtype=torch.long)
     bar = tqdm(range(steps), desc="train VQ tokenizer", disable=not progress)
     for step in bar:
         for g in opt.param_groups:  # cosine decay to 10%
             g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / max(1, steps))))
         idx = rng.integers(n_images, size=batch)
         x = images_to_tensor([images_of(int(i)) for i in idx]).to(device) * 2 - 1
-        rec, _, q = vq(x)
-        recon = F.mse_loss(rec, x) + F.l1_loss(rec, x)
+        rec, codes, q = vq(x)
+        recon = reconstruction_loss(rec, x, foreground_weight)
         loss = recon + q["codebook"] + q["commitment"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vq.parameters(), 1.0)
         opt.step()
+        usage += torch.bincount(codes.flatten().cpu(), minlength=usage.numel())
+        if step % RESTART_EVERY == 0 and step < steps * 0.8:
+            restart_dead_codes(vq, q["z"].detach(), usage, gen, first=step == 0)
+            usage.zero_()
         history.append(recon.item())
         bar.set_postfix(recon=f"{recon.item():.4f}")
     vq.eval()
     vq.requires_grad_(False)
     return {"steps": steps, "final_recon_loss": float(np.mean(history[-20:])) if history else None}
+
+
+RESTART_EVERY = 20
+
+
+@torch.no_grad()
+def restart_dead_codes(vq: VQModel, z: torch.Tensor, usage: torch.Tensor, gen: torch.Generator,
+                       first: bool = False) -> int:
+    """Move unused codebook vectors onto random current latents (at the first step: all of them, a
+    data-dependent initialisation). Without this a small VQ collapses onto a handful of codes."""
+    table = vq.quantize.embedding.weight
+    dead = torch.arange(table.size(0)) if first else (usage == 0).nonzero().flatten()
+    if len(dead):
+        pick = torch.randint(0, z.size(0), (len(dead),), generator=gen)
+        table[dead.to(table.device)] = z[pick.to(z.device)] + 0.01 * torch.randn(len(dead), z.size(1), generator=gen).to(z)
+    return len(dead)
 
 
 def save_vq(vq: VQModel, path: str | Path) -> None:

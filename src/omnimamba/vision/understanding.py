@@ -29,7 +29,9 @@ CLIP_224 = ("vit_large_patch14_clip_224.openai",)
 @dataclass(frozen=True)
 class UnderstandingConfig:
     """kind 'timm': `backbones` are timm model names run on the same image, features concatenated;
-    `weights` optionally names a local checkpoint per backbone. kind 'tiny': a small conv encoder."""
+    `weights` optionally names a local checkpoint per backbone. kind 'tiny': a small conv encoder trained
+    from scratch. kind 'vq-encoder': the architecture of the VQ tokenizer's encoder, read continuously
+    (before quantisation), initialised from a trained tokenizer: the embedded default's pretrained encoder."""
 
     kind: str = "timm"
     backbones: tuple[str, ...] = DINOSIGLIP_384
@@ -41,8 +43,8 @@ class UnderstandingConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "backbones", tuple(self.backbones))
         object.__setattr__(self, "weights", tuple(self.weights))
-        if self.kind not in ("timm", "tiny"):
-            raise UserError(f"UnderstandingConfig.kind must be 'timm' or 'tiny', got {self.kind!r}")
+        if self.kind not in ("timm", "tiny", "vq-encoder"):
+            raise UserError(f"UnderstandingConfig.kind must be 'timm', 'tiny' or 'vq-encoder', got {self.kind!r}")
         if self.kind == "timm" and not self.backbones:
             raise UserError("UnderstandingConfig.backbones is empty: name at least one timm ViT")
         if self.weights and len(self.weights) != len(self.backbones):
@@ -143,8 +145,37 @@ class TinyConvEncoder(nn.Module):
         return self.net(images * 2 - 1).flatten(2).transpose(1, 2) + self.pos
 
 
-def build_understanding_encoder(config: UnderstandingConfig) -> nn.Module:
-    return TinyConvEncoder(config) if config.kind == "tiny" else TimmEncoder(config)
+class VQEncoderFeatures(nn.Module):
+    """Continuous features of a VQ-style encoder (no quantisation): (b, grid^2, z_channels).
+
+    No pretrained semantic ViT exists for the embedded Shapes world and none can be downloaded; an
+    encoder trained on reconstruction (the tokenizer's) is the self-supervised stand-in, kept frozen as
+    the paper keeps DINOv2 and SigLIP. Its weights are copied from the trained tokenizer
+    (`OmniMamba.init_understanding_from_vq`)."""
+
+    def __init__(self, config: UnderstandingConfig, vq_config):
+        super().__init__()
+        from .vq import Encoder
+
+        if vq_config.image_size != config.image_size:
+            raise UserError(f"vq-encoder understanding: image_size {config.image_size} differs from the VQ's "
+                            f"{vq_config.image_size}")
+        self.config = config
+        self.encoder = Encoder(vq_config)
+        self.num_patches = vq_config.num_tokens
+        self.feature_dim = vq_config.z_channels
+
+    def forward(self, images: Tensor) -> Tensor:
+        check_images(images, self.config.image_size, "the understanding encoder")
+        return self.encoder(images * 2 - 1).flatten(2).transpose(1, 2)
+
+
+def build_understanding_encoder(config: UnderstandingConfig, vq_config=None) -> nn.Module:
+    if config.kind == "tiny":
+        return TinyConvEncoder(config)
+    if config.kind == "vq-encoder":
+        return VQEncoderFeatures(config, vq_config)
+    return TimmEncoder(config)
 
 
 class FusedMLPProjector(nn.Module):

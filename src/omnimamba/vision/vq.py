@@ -66,7 +66,7 @@ class VQConfig:
     @classmethod
     def tiny(cls) -> "VQConfig":
         """The embedded default: 64 px images, 8x downsampling -> 8 x 8 = 64 codes from 512 x 8."""
-        return cls(codebook_size=512, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=64,
+        return cls(codebook_size=512, ch=16, ch_mult=(1, 2, 4, 4), num_res_blocks=1, z_channels=64,
                    image_size=64, norm_groups=8)
 
     def replace(self, **changes) -> "VQConfig":
@@ -262,9 +262,13 @@ class VQModel(nn.Module):
                             f"{tuple(images.shape)}; resize or crop to {s}x{s} RGB first")
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Reconstruction (b, 3, H, W), codes (b, h, w), quantiser losses: the training pass."""
+        """Reconstruction (b, 3, H, W), codes (b, h, w), quantiser losses (and the latents under "z",
+        (b*h*w, c), as the quantiser compares them): the training pass."""
         self.check_images(images)
-        zq, codes, losses = self.quantize(self.quant_conv(self.encoder(images)))
+        z = self.quant_conv(self.encoder(images))
+        zq, codes, losses = self.quantize(z)
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.size(1))
+        losses["z"] = F.normalize(flat, dim=-1) if self.quantize.l2_norm else flat
         return self.decoder(self.post_quant_conv(zq)), codes, losses
 
     @torch.no_grad()
