@@ -70,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import run_quickstart
 
-    run_quickstart(args.out, args.set or [])
+    run_quickstart(args.out, args.set or [], resume=args.resume)
     return 0
 
 
@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="train shapes-tiny through both stages on the Shapes world, then score it")
     p.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of the quickstart config")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted quickstart from its checkpoints")
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("answer", help="answer a question about an image (streams the answer)")

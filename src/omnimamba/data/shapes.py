@@ -300,11 +300,21 @@ def _group_by_shape(objects: list[Shape]) -> str:
 class ShapesWorld:
     """Indexable, infinite, deterministic: `world.sample("train", i)`."""
 
-    def __init__(self, config: ShapesConfig = ShapesConfig(), seed: int = 0):
+    def __init__(self, config: ShapesConfig = ShapesConfig(), seed: int = 0, cache: bool = False):
         self.config = config
         self.seed = seed
+        # Training revisits the same images every epoch: keep them (about 13 KB each at 64 px).
+        self._cache: dict[tuple[str, int], ShapesSample] | None = {} if cache else None
 
     def sample(self, split: str, index: int) -> ShapesSample:
+        if self._cache is None:
+            return self._make(split, index)
+        key = (split, index)
+        if key not in self._cache:
+            self._cache[key] = self._make(split, index)
+        return self._cache[key]
+
+    def _make(self, split: str, index: int) -> ShapesSample:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
         if index < 0:

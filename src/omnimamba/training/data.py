@@ -150,4 +150,5 @@ def cached_codes(vq, images_of, n: int, path: str | Path, batch_size: int = 64, 
 
 def shapes_world(cfg) -> ShapesWorld:
     s = cfg.data.shapes
-    return ShapesWorld(ShapesConfig(image_size=s.image_size, textured_background=s.textured_background), seed=s.seed)
+    return ShapesWorld(ShapesConfig(image_size=s.image_size, textured_background=s.textured_background), seed=s.seed,
+                       cache=True)

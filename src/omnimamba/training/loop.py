@@ -63,9 +63,12 @@ class Trainer:
             want = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         if want.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"run.device is {self.cfg.run.device!r} but no CUDA device is available")
-        if want.startswith("cuda"):
-            torch.cuda.set_device(torch.device(want))
-        return torch.device(want)
+        device = torch.device(want)
+        if device.type == "cuda":
+            if device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_device(device)
+        return device
 
     def _build_model(self) -> OmniMamba:
         m = self.cfg.model
