@@ -60,3 +60,13 @@ def test_missing_config_file_and_bad_syntax(tmp_path):
         load_train_config(tmp_path / "bad.yaml")
     with pytest.raises(UserError, match="KEY=VALUE"):
         load_train_config(None, ["stages"])
+
+
+def test_quickstart_config_equals_the_shipped_yaml():
+    from pathlib import Path
+
+    from omnimamba.quickstart import QUICKSTART
+    from omnimamba.training.config import config_from_dict
+
+    shipped = load_train_config(Path(__file__).parent.parent / "configs" / "shapes-tiny.yaml")
+    assert shipped == config_from_dict(QUICKSTART)

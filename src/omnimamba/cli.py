@@ -152,13 +152,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--model", default="runs/quickstart/stage2-unified",
                    help="model directory (default: the quickstart's, runs/quickstart/stage2-unified)")
@@ -168,6 +161,23 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .data.shapes import ShapesConfig, ShapesWorld
+    from .quickstart import final_report, write_report
+
+    model = _load_model(args)
+    world = ShapesWorld(ShapesConfig(image_size=model.config.understanding.image_size), seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = final_report(model, model.tokenizer, world, out, n_images=args.n_images, n_prompts=args.n_prompts,
+                          guidance=args.guidance, top_k=args.top_k)
+    write_report(report, out / "results.json")
+    print(f"wrote {out / 'results.json'} and {out / 'quickstart.png'}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -182,11 +192,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _at_least(kind, minimum):
+    """An argparse type: `kind` (int or float) no smaller than `minimum`."""
+
+    def parse(text: str):
+        value = kind(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _at_least(int, 1)
+_non_negative_float = _at_least(float, 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,6 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="generated", help="output directory (default: generated)")
     _sampling_args(p, temperature=1.0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="score a model on the Shapes test and held-out splits, with baselines")
+    p.add_argument("--model", default="runs/quickstart/stage2-unified",
+                   help="model directory (default: runs/quickstart/stage2-unified)")
+    p.add_argument("--n-images", type=_positive_int, default=100, help="images for MMU questions (default: 100)")
+    p.add_argument("--n-prompts", type=_positive_int, default=48, help="T2I prompts (default: 48)")
+    p.add_argument("--guidance", type=_non_negative_float, default=3.0, help="CFG scale (default: 3.0)")
+    p.add_argument("--top-k", type=int, default=20, help="image-code top-k, 0 = all (default: 20)")
+    p.add_argument("--seed", type=int, default=0, help="Shapes world seed (default: 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--out", default="runs/evaluation", help="output directory (default: runs/evaluation)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="train OmniMamba through named stages (see configs/)")
     p.add_argument("--config", help="YAML or TOML run config; every field has a default (the paper's)")

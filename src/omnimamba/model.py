@@ -482,14 +482,20 @@ class OmniMamba(nn.Module):
         return generate_images(self, self._require_tokenizer(), prompts, **kwargs)
 
     # --- checkpoints --------------------------------------------------------------------------------
-    def save_pretrained(self, path: str | Path, tokenizer=None) -> None:
-        """config.json + model.safetensors (+ tokenizer.json): everything `from_pretrained` needs."""
-        from safetensors.torch import save_model
+    def save_pretrained(self, path: str | Path, tokenizer=None, state_dict: dict | None = None) -> None:
+        """config.json + model.safetensors (+ tokenizer.json): everything `from_pretrained` needs.
+        `state_dict` replaces the module's own (e.g. the gathered full state of an FSDP-sharded model)."""
+        from safetensors.torch import save_file, save_model
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps({"omnimamba": self.config.to_dict()}, indent=2) + "\n")
-        save_model(self, str(path / "model.safetensors"), metadata={"format": "pt"})
+        if state_dict is None:
+            save_model(self, str(path / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            tied = {"lm_head.weight", "image_head.weight"} if self.config.backbone.tie_embeddings else set()
+            save_file({k: v.contiguous() for k, v in state_dict.items() if k not in tied},
+                      str(path / "model.safetensors"), metadata={"format": "pt"})
         tokenizer = tokenizer or self.tokenizer
         if tokenizer is not None:
             tokenizer.save(path / "tokenizer.json")

@@ -26,12 +26,12 @@ QUICKSTART = {
         {"name": "stage2-unified", "steps": 1200, "lr": 0.002, "warmup": 20, "batch": [16, 16], "min_lr_ratio": 0.05},
     ],
     "run": {"out": "runs/quickstart", "log_every": 10, "ckpt_every": 200, "eval_images": 40, "eval_prompts": 24,
-            "eval_guidance": 3.0},
+            "eval_guidance": 3.0, "eval_top_k": 20},
 }
 
 
 def final_report(model, tokenizer, world, out: Path, n_images: int = 100, n_prompts: int = 48,
-                 guidance: float = 3.0, log=print) -> dict:
+                 guidance: float = 3.0, top_k: int = 20, log=print) -> dict:
     """Scores on the test and held-out splits (T2I with and without guidance), the baselines, the VQ
     round trip's scorer rate, and a picture."""
     from .evaluation.shapes_eval import evaluate_mmu, evaluate_t2i, save_evaluation_picture
@@ -51,8 +51,9 @@ def final_report(model, tokenizer, world, out: Path, n_images: int = 100, n_prom
     log(f"T2I scorer on ground-truth renders after the VQ round trip: {report['vq_round_trip']['overall']:.1%}")
     for split in ("test", "heldout"):
         mmu, answered = evaluate_mmu(model, tokenizer, world, split, n_images)
-        t2i_cfg, generated = evaluate_t2i(model, tokenizer, world, split, n_prompts, guidance_scale=guidance)
-        t2i_plain, _ = evaluate_t2i(model, tokenizer, world, split, n_prompts, guidance_scale=1.0)
+        t2i_cfg, generated = evaluate_t2i(model, tokenizer, world, split, n_prompts, guidance_scale=guidance,
+                                          top_k=top_k)
+        t2i_plain, _ = evaluate_t2i(model, tokenizer, world, split, n_prompts, guidance_scale=1.0, top_k=top_k)
         report[split] = {"mmu": mmu, "t2i_guided": t2i_cfg, "t2i_unguided": t2i_plain}
         log(f"\n{split} split: MMU accuracy {mmu['accuracy']['overall']:.1%} "
             f"({', '.join(f'{k} {v:.0%}' for k, v in mmu['accuracy'].items() if k != 'overall')})")
@@ -78,15 +79,20 @@ def run_quickstart(out: str | None = None, overrides: list[str] = (), log=print,
     trainer.run(resume=resume)
     train_s = time.perf_counter() - start
     out_dir = Path(config.run.out)
-    report = final_report(trainer.model, trainer.tokenizer, shapes_world(config), out_dir, log=log)
+    report = final_report(trainer.model, trainer.tokenizer, shapes_world(config), out_dir,
+                          top_k=config.run.eval_top_k, log=log)
     report["train_seconds"] = train_s
     report["total_seconds"] = time.perf_counter() - start
     report["device"] = str(trainer.device)
-    (out_dir / "results.json").write_text(json.dumps(report, indent=1, default=_jsonable))
+    write_report(report, out_dir / "results.json")
     log(f"\ntrained in {train_s / 60:.1f} min, evaluated in {(report['total_seconds'] - train_s) / 60:.1f} min "
         f"on {trainer.device}; model in {out_dir / 'stage2-unified'}, picture {out_dir / 'quickstart.png'}, "
         f"figures {out_dir / 'results.json'}")
     return report
+
+
+def write_report(report: dict, path: Path) -> None:
+    path.write_text(json.dumps(report, indent=1, default=_jsonable))
 
 
 def _jsonable(x):

@@ -127,6 +127,7 @@ class RunSection:
     eval_images: int = 50        # Shapes validation images for MMU evaluation
     eval_prompts: int = 24       # Shapes validation prompts for T2I evaluation
     eval_guidance: float = 3.0
+    eval_top_k: int = 0          # image-code sampling during evaluation: keep the k most likely codes (0 = all)
     tensorboard: bool = True
     progress: bool = True
     strategy: str = "ddp"        # multi-process: "ddp" | "fsdp" (FSDP2)

@@ -297,13 +297,26 @@ class Trainer:
                 self._checkpoint(opt, index, stage, step)
         bar.close()
         last_eval = self.evaluate(stage.name, stage.steps - 1)
+        state = self._full_state_dict()
         if self.rank == 0:
-            self.model.save_pretrained(self.out / stage.name, tokenizer=self.tokenizer)
+            self.model.save_pretrained(self.out / stage.name, tokenizer=self.tokenizer, state_dict=state)
             self.log(f"saved {self.out / stage.name}")
         return last_eval or {}
 
+    @property
+    def sharded(self) -> bool:
+        return self.distributed and self.cfg.run.strategy == "fsdp"
+
+    def _full_state_dict(self) -> dict | None:
+        """Under FSDP2 every rank takes part in gathering the full (unsharded) state; otherwise None."""
+        if not self.sharded:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
     def _checkpoint(self, opt, index, stage, step) -> None:
-        if self.cfg.run.strategy == "fsdp" and self.distributed:
+        if self.sharded:
             return  # sharded state: checkpoint with the final save_pretrained of each stage
         if self.rank == 0:
             save_checkpoint(self.out / "checkpoints", self.model, opt, index, stage.name, step)
@@ -334,6 +347,10 @@ class Trainer:
         """Shapes scores on the validation split, plus a picture of samples (rank 0, Shapes data only)."""
         if self.rank != 0 or self.world is None:
             return None
+        if self.sharded:
+            self.log("evaluation skipped under FSDP (one rank cannot run a sharded model): "
+                     "run `omnimamba evaluate --model <stage dir>` on the saved model")
+            return None
         from ..evaluation.shapes_eval import evaluate_mmu, evaluate_t2i, save_evaluation_picture
 
         r = self.cfg.run
@@ -344,7 +361,7 @@ class Trainer:
             result["mmu"], answered = evaluate_mmu(self.model, self.tokenizer, self.world, "val", r.eval_images)
         if self.t2i_source is not None and r.eval_prompts:
             result["t2i"], generated = evaluate_t2i(self.model, self.tokenizer, self.world, "val", r.eval_prompts,
-                                                    r.eval_guidance)
+                                                    r.eval_guidance, top_k=r.eval_top_k)
         self.model.train()
         self.model.vq.eval()
         out = self.out / "eval"
