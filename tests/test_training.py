@@ -101,7 +101,9 @@ def _ddp_worker(rank, world, port, out, stages, strategy="ddp"):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_equal_one_process(tmp_path, strategy):
-    stages = [{"name": "stage2-unified", "steps": 2, "lr": 0.005, "batch": [4, 4]}]
+    # two stages: a wrapper made for the first must not act in the second
+    stages = [{"name": "stage1-mmu", "steps": 1, "lr": 0.005, "batch": [4, 0]},
+              {"name": "stage2-unified", "steps": 2, "lr": 0.005, "batch": [4, 4]}]
     single = Trainer(tiny_config(tmp_path / "single", stages), log=quiet)
     single.run()
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), stages, strategy), nprocs=2, join=True)
@@ -139,3 +141,21 @@ def test_cli_rejects_bad_config_before_work(tmp_path, capsys):
     rc = main(["train", "--set", "stages.0.name=stage9", "--set", f"run.out={tmp_path / 'x'}"])
     assert rc == 2 and "unknown stage 'stage9'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_the_same_training_code_runs_on_real_formats(tmp_path):
+    # LLaVA conversations + COCO captions on disk (written by `omnimamba data shapes`), read like real data
+    assert main(["data", "shapes", "--out", str(tmp_path / "d"), "--n", "8", "--split", "train"]) == 0
+    cfg = config_from_dict({
+        "model": {"preset": "shapes-tiny"},
+        "data": {"source": "files", "llava": str(tmp_path / "d" / "llava.json"),
+                 "coco": str(tmp_path / "d" / "captions.json")},
+        "stages": [{"name": "stage2-unified", "steps": 2, "lr": 0.005, "batch": [2, 2]}],
+        "run": {"out": str(tmp_path / "run"), "eval_images": 0, "eval_prompts": 0, "progress": False,
+                "tensorboard": False},
+    })
+    trainer = Trainer(cfg, log=quiet)
+    trainer.run()
+    assert trainer.t2i_source.codes.shape == (8, 64)  # one code row per image, shared by its 3 captions
+    assert len(trainer.t2i_source.samples) == 24
+    assert (tmp_path / "run" / "stage2-unified" / "model.safetensors").is_file()

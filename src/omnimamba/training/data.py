@@ -90,12 +90,14 @@ class ShapesT2I:
 
 
 class FileT2I:
-    def __init__(self, samples: list, codes: Tensor):
-        self.samples, self.codes = samples, codes
+    """COCO captions; `image_rows[k]` is the row of caption k's image in `codes`."""
+
+    def __init__(self, samples: list, codes: Tensor, image_rows: list[int]):
+        self.samples, self.codes, self.image_rows = samples, codes, image_rows
 
     def example(self, index: int) -> tuple[str, Tensor]:
         k = index % len(self.samples)
-        return self.samples[k].caption, self.codes[k]
+        return self.samples[k].caption, self.codes[self.image_rows[k]]
 
 
 def t2i_batch(source, tokenizer, indices: list[int], max_caption_tokens: int, caption_dropout: float = 0.0,

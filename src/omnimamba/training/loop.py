@@ -53,6 +53,7 @@ class Trainer:
         self.mmu_source = self.t2i_source = None
         self._metrics = None
         self._tb = None
+        self._sharded_once = False
 
     # --- set-up -------------------------------------------------------------------------------------
     def _device(self) -> torch.device:
@@ -150,9 +151,11 @@ class Trainer:
                 read = read_coco_captions(c.data.coco, c.data.image_root, skip_bad=c.data.skip_bad)
                 self._report_skipped("T2I", read.skipped)
                 samples = read.samples
-                codes = self._codes(lambda i: load_image(samples[i].image, vq_size), len(samples), cache,
+                images = sorted({s.image for s in samples})  # COCO has several captions per image: encode once
+                row = {p: i for i, p in enumerate(images)}
+                codes = self._codes(lambda i: load_image(images[i], vq_size), len(images), cache,
                                     f"coco {Path(c.data.coco).resolve()}")
-                self.t2i_source = FileT2I(samples, codes)
+                self.t2i_source = FileT2I(samples, codes, [row[s.image] for s in samples])
 
     def _codes(self, images_of, n, cache, source_id):
         if self.rank == 0:
@@ -179,14 +182,18 @@ class Trainer:
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=1.0, betas=tuple(o.betas), eps=o.eps)
 
     def _wrap(self, model):
+        """The module that runs the forward pass: the model itself, DDP around it (made anew for each stage,
+        since DDP fixes the set of trained parameters when it is built), or the model sharded once by FSDP2."""
         if not self.distributed:
             return model
         if self.cfg.run.strategy == "fsdp":
-            from torch.distributed.fsdp import fully_shard
+            if not self._sharded_once:
+                from torch.distributed.fsdp import fully_shard
 
-            for layer in model.backbone.layers:
-                fully_shard(layer)
-            fully_shard(model)
+                for layer in model.backbone.layers:
+                    fully_shard(layer)
+                fully_shard(model)
+                self._sharded_once = True
             return model
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -296,6 +303,7 @@ class Trainer:
             if (step + 1) % c.run.ckpt_every == 0 or last:
                 self._checkpoint(opt, index, stage, step)
         bar.close()
+        del engine  # a stage's DDP wrapper (and its gradient hooks) must not outlive the stage
         last_eval = self.evaluate(stage.name, stage.steps - 1)
         state = self._full_state_dict()
         if self.rank == 0:
