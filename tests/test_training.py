@@ -95,6 +95,7 @@ def _ddp_worker(rank, world, port, out, stages, strategy="ddp"):
              for k, v in trainer.model.state_dict().items()}
     if rank == 0:
         torch.save(state, Path(out) / "final.pt")
+    torch.distributed.barrier()  # no rank tears down while another still talks to it
     torch.distributed.destroy_process_group()
 
 

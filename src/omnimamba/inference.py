@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data.formats import load_image
+from .data.formats import images_to_tensor, load_image
+from .vision.vq import to_uint8
 from .errors import UserError
 from .sequence import mmu_prompt, pad_left, t2i_prefix
 
@@ -33,7 +34,7 @@ def to_pixels(images, size: int) -> Tensor:
         else:
             raise UserError(f"cannot read an image from a {type(im).__name__}")
         arrays.append(arr.astype(np.uint8))
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+    return images_to_tensor(arrays)
 
 
 def prompt_ids(tokenizer, question: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
@@ -123,6 +124,5 @@ def generate_images(model, tokenizer, prompts, guidance_scale: float = 3.0, temp
                                            progress=bar)
         with torch.no_grad():
             pixels = model.vq.decode(codes)
-        arr = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        out += [Image.fromarray(a) for a in arr]
+        out += [Image.fromarray(a) for a in to_uint8(pixels)]
     return out

@@ -36,7 +36,8 @@ def final_report(model, tokenizer, world, out: Path, n_images: int = 100, n_prom
     round trip's scorer rate, and a picture."""
     from .evaluation.shapes_eval import evaluate_mmu, evaluate_t2i, save_evaluation_picture
     from .evaluation.shapes_scorer import chance_baselines, format_baselines, score_t2i, t2i_eval_set
-    from .training.data import images_to_tensor
+    from .data.formats import images_to_tensor
+    from .vision.vq import to_uint8
 
     model.eval()
     report: dict = {"baselines": chance_baselines(world, "test", n_images)}
@@ -45,8 +46,7 @@ def final_report(model, tokenizer, world, out: Path, n_images: int = 100, n_prom
     with torch.no_grad():
         device = next(model.parameters()).device
         gt = images_to_tensor([world.sample("test", i).image for _, i in prompts]).to(device) * 2 - 1
-        rec = model.vq.decode(model.vq.encode(gt))
-        arr = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        arr = to_uint8(model.vq.decode(model.vq.encode(gt)))
     report["vq_round_trip"] = score_t2i(list(arr), [p for p, _ in prompts])
     log(f"T2I scorer on ground-truth renders after the VQ round trip: {report['vq_round_trip']['overall']:.1%}")
     for split in ("test", "heldout"):

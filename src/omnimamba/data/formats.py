@@ -39,6 +39,13 @@ class ReadResult:
     skipped: list[str]  # one message per skipped record
 
 
+def images_to_tensor(images: list[np.ndarray]):
+    """[(H, W, 3) uint8] -> (b, 3, H, W) float tensor in [0, 1]."""
+    import torch
+
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
 def load_image(path: str | Path, size: int | None = None) -> np.ndarray:
     """An RGB image as (H, W, 3) uint8, resized (bicubic) to size x size when given."""
     from PIL import Image, UnidentifiedImageError

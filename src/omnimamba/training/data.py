@@ -16,17 +16,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..data.formats import DataError, load_image, read_coco_captions, read_llava
+from ..data.formats import DataError, images_to_tensor, load_image, read_coco_captions, read_llava
 from ..data.shapes import ShapesConfig, ShapesWorld
 from ..errors import UserError
 from ..sequence import MMUBatch, T2IBatch, mmu_example, t2i_prefix
 
 log = logging.getLogger(__name__)
-
-
-def images_to_tensor(images: list[np.ndarray]) -> Tensor:
-    """[(H, W, 3) uint8] -> (b, 3, H, W) float in [0, 1]."""
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 # --- MMU ---------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..vision.vq import VQConfig, VQModel
-from .data import images_to_tensor
+from ..data.formats import images_to_tensor
 
 
 def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, foreground_weight: float = 0.0) -> torch.Tensor:

@@ -73,6 +73,11 @@ class VQConfig:
         return dataclasses.replace(self, **changes)
 
 
+def to_uint8(pixels: Tensor):
+    """Decoder output (b, 3, H, W) in [-1, 1] -> (b, H, W, 3) uint8 numpy images."""
+    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
 
