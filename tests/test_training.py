@@ -160,3 +160,18 @@ def test_the_same_training_code_runs_on_real_formats(tmp_path):
     assert trainer.t2i_source.codes.shape == (8, 64)  # one code row per image, shared by its 3 captions
     assert len(trainer.t2i_source.samples) == 24
     assert (tmp_path / "run" / "stage2-unified" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end_writes_its_report(tmp_path, capsys):
+    rc = main(["quickstart", "--out", str(tmp_path), "--set", "run.progress=false", "--set", "vq_train.steps=5",
+               "--set", "stages.0.steps=2", "--set", "stages.1.steps=2", "--set", "stages.2.steps=2",
+               "--set", "data.shapes.train_images=64", "--set", "run.eval_images=2", "--set", "run.eval_prompts=4"])
+    assert rc == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    for split in ("test", "heldout"):
+        assert set(report[split]) == {"mmu", "t2i_guided", "t2i_unguided"}
+        assert report[split]["t2i_guided"]["n"] == 48
+    assert report["baselines"]["t2i_ground_truth"]["overall"] >= 0.99
+    assert (tmp_path / "quickstart.png").stat().st_size > 0
+    assert "chance baselines" in capsys.readouterr().out
