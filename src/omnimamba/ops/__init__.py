@@ -16,6 +16,7 @@ KERNEL_NAMES = ("ssd_chunked", "ssd_step", "causal_conv", "conv_step", "gated_rm
 # name -> module path; a backend is imported only when asked for, so optional GPU packages stay optional.
 BACKENDS = {
     "reference": "omnimamba.ops.reference",
+    "fla": "omnimamba.ops.fla",  # CUDA + flash-linear-attention (optional extra: pip install omnimamba[gpu])
 }
 
 
