@@ -1,8 +1,6 @@
 """The assembled OmniMamba on the tiny preset: both sequence formats, losses, modality-safe sampling,
 checkpoints, component loading, ablation switches and errors."""
 
-import json
-
 import pytest
 import torch
 

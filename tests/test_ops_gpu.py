@@ -38,9 +38,14 @@ def test_fla_scan_matches_reference(dtype, tol, l, g):
     assert rel(y, y_ref) < tol and rel(s, s_ref) < tol
 
 
-def test_fla_model_greedy_tokens_match_reference():
+def small_model():
+    """A 4-layer model of mamba2-130m's width on the reference kernels, random weights."""
     torch.manual_seed(0)
-    model = Mamba2LM(preset("mamba2-130m", n_layer=4), backend="reference").cuda().eval()
+    return Mamba2LM(preset("mamba2-130m", n_layer=4), backend="reference").cuda().eval()
+
+
+def test_fla_model_greedy_tokens_match_reference():
+    model = small_model()
     ids = torch.randint(0, 50000, (1, 300), device="cuda")
     with torch.no_grad():
         ref_logits = model(ids)
@@ -68,8 +73,7 @@ def test_fla_causal_conv_and_step_match_reference(resume):
 
 
 def test_fla_prefill_then_decode_matches_reference_forward():
-    torch.manual_seed(0)
-    model = Mamba2LM(preset("mamba2-130m", n_layer=4), backend="reference").cuda().eval()
+    model = small_model()
     ids = torch.randint(0, 50000, (2, 120), device="cuda")
     with torch.no_grad():
         full = model(ids)

@@ -74,7 +74,6 @@ def run_quickstart(out: str | None = None, overrides: list[str] = (), log=print,
     raw = apply_overrides(QUICKSTART, [f"run.out={out}"] if out else [])
     config = config_from_dict(apply_overrides(raw, list(overrides)))
     start = time.perf_counter()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     trainer = Trainer(config)
     trainer.run(resume=resume)
     train_s = time.perf_counter() - start

@@ -89,9 +89,9 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS.index(split), index])
 
 
-def _pairs_for(split: str) -> list[tuple[str, str]]:
-    allowed = [(c, s) for c in COLORS for s in SHAPES]
-    return [p for p in allowed if p not in HELDOUT_PAIRS]
+def _seen_pairs() -> list[tuple[str, str]]:
+    """The (colour, shape) pairs of the training distribution: all but the held-out ones."""
+    return [(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_PAIRS]
 
 
 def _pair_weights(pairs: list[tuple[str, str]]) -> np.ndarray:
@@ -103,7 +103,7 @@ def _pair_weights(pairs: list[tuple[str, str]]) -> np.ndarray:
 
 def sample_scene(cfg: ShapesConfig, rng: np.random.Generator, split: str) -> list[Shape]:
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
-    seen_pairs = _pairs_for(split)
+    seen_pairs = _seen_pairs()
     weights = _pair_weights(seen_pairs)
     kinds = []
     if split == "heldout":
@@ -229,7 +229,7 @@ def description(objects: list[Shape], textured: bool, size: int) -> str:
 # --- questions ---------------------------------------------------------------------------------------
 def popular_pairs() -> list[tuple[str, str]]:
     """(colour, shape) pairs from the most to the least frequent in training: POPE's "popular" ranking."""
-    pairs = _pairs_for("train")
+    pairs = _seen_pairs()
     return [pairs[i] for i in np.argsort(-_pair_weights(pairs), kind="stable")]
 
 

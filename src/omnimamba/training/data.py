@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..data.formats import DataError, images_to_tensor, load_image, read_coco_captions, read_llava
+from ..data.formats import DataError, images_to_tensor, load_image, read_llava
 from ..data.shapes import ShapesConfig, ShapesWorld
 from ..errors import UserError
 from ..sequence import MMUBatch, T2IBatch, mmu_example, t2i_prefix
