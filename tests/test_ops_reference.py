@@ -108,3 +108,39 @@ def test_backend_seam():
     assert load_backend("reference") is ref
     with pytest.raises(ValueError, match="unknown kernel backend 'nope'"):
         load_backend("nope")
+
+
+@pytest.mark.parametrize("dt_limit", [(0.0, float("inf")), (0.01, 0.05)])
+def test_ssd_decode_from_raw_parameters_matches_the_chunked_scan(dt_limit):
+    """The decode step takes dt before softplus and A_log: T of its steps equal one chunked scan run on
+    dt = clamp(softplus(dt_raw + dt_bias)) and A = -exp(A_log)."""
+    gen = torch.Generator().manual_seed(7)
+    b, l, h, p, g, n = 2, 9, 4, 8, 2, 6
+    x, _, _, B, C, D = random_ssd_inputs(b, l, h, p, g, n, torch.float64)
+    dt_raw = torch.randn(b, l, h, generator=gen, dtype=torch.float64) * 4
+    dt_bias, A_log = torch.randn(h, generator=gen, dtype=torch.float64), torch.randn(h, generator=gen, dtype=torch.float64)
+    dt = torch.nn.functional.softplus(dt_raw + dt_bias).clamp(*dt_limit)
+    y_scan, final = ref.ssd_chunked(x, dt, -torch.exp(A_log), B, C, 4, D=D)
+    state = torch.zeros(b, h, p, n, dtype=torch.float64)
+    ys = [ref.ssd_decode(state, x[:, t], dt_raw[:, t], A_log, B[:, t], C[:, t], D, dt_bias, dt_limit)
+          for t in range(l)]
+    torch.testing.assert_close(torch.stack(ys, 1), y_scan, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state, final, rtol=1e-10, atol=1e-10)
+    if dt_limit[1] < 1:  # the clamp is active: dt never leaves its range
+        assert dt.min() >= dt_limit[0] and dt.max() <= dt_limit[1] and (dt == dt_limit[1]).any()
+
+
+@pytest.mark.parametrize("residual_in_fp32", [False, True])
+def test_add_rmsnorm_against_its_formula(residual_in_fp32):
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 16, generator=gen).to(torch.bfloat16)
+    residual = torch.randn(3, 16, generator=gen)
+    w = torch.rand(16, generator=gen).to(torch.bfloat16)
+    normed, res = ref.add_rmsnorm(x, residual, w, 1e-5, residual_in_fp32)
+    s = x.float() + residual
+    torch.testing.assert_close(res, s)
+    assert res.dtype == torch.float32 and normed.dtype == torch.bfloat16
+    expected = s / torch.sqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5) * w.float()
+    torch.testing.assert_close(normed.float(), expected, rtol=1e-2, atol=1e-2)
+    first, res0 = ref.add_rmsnorm(x, None, w, 1e-5, residual_in_fp32)  # the first layer: no residual yet
+    assert torch.equal(res0, x.float() if residual_in_fp32 else x)

@@ -104,7 +104,7 @@ class Mamba2Mixer(nn.Module):
         dt = self._dt(dt)
         if mask is not None:
             dt = dt * mask[..., None].to(dt.dtype)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
         y, ssm_state = k.ssd_chunked(
             x.reshape(b, l, c.nheads, c.headdim), dt, A,
             B.reshape(b, l, c.ngroups, c.d_state), C.reshape(b, l, c.ngroups, c.d_state),
@@ -123,10 +123,11 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = self._project_in(u, task)
         xBC = k.conv_step(cache.conv[self.layer_idx], xBC, self.conv1d.weight[:, 0], self.conv1d.bias)
         x, B, C = self._split_xbc(xBC)
-        A = -torch.exp(self.A_log.float())
-        y = k.ssd_step(
-            cache.ssm[self.layer_idx], x.reshape(b, c.nheads, c.headdim), self._dt(dt), A,
+        # softplus(dt + dt_bias), A = -exp(A_log) and the state update happen in one kernel on the GPU.
+        y = k.ssd_decode(
+            cache.ssm[self.layer_idx], x.reshape(b, c.nheads, c.headdim), dt, self.A_log,
             B.reshape(b, c.ngroups, c.d_state), C.reshape(b, c.ngroups, c.d_state), D=self.D,
+            dt_bias=self.dt_bias, dt_limit=c.dt_limit,
         )
         y = k.gated_rmsnorm(y.reshape(b, c.d_inner), z, self.norm.weight, self.norm.eps, self.norm.group_size)
         return self.out_proj(y)
@@ -142,11 +143,8 @@ class Mamba2Block(nn.Module):
         self.mixer = Mamba2Mixer(config, layer_idx, kernels)
 
     def _add_and_norm(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
-        residual = hidden if residual is None else residual + hidden
-        normed = self.norm(residual)
-        if self.residual_in_fp32:
-            residual = residual.float()
-        return normed, residual
+        return self.mixer.kernels.add_rmsnorm(hidden, residual, self.norm.weight, self.norm.eps,
+                                              self.residual_in_fp32)
 
     def forward(self, hidden, residual, cache=None, mask=None, task=None) -> tuple[Tensor, Tensor]:
         normed, residual = self._add_and_norm(hidden, residual)
@@ -165,6 +163,10 @@ class Mamba2Backbone(nn.Module):
         self.layers = nn.ModuleList(Mamba2Block(config, i, kernels) for i in range(config.n_layer))
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
 
+    def set_kernels(self, kernels: ModuleType) -> None:
+        for layer in self.layers:
+            layer.mixer.kernels = kernels
+
     def forward(
         self, inputs_embeds: Tensor, cache: Mamba2Cache | None = None, mask: Tensor | None = None,
         task: str | None = None,
@@ -173,7 +175,7 @@ class Mamba2Backbone(nn.Module):
         hidden, residual = inputs_embeds, None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, cache=cache, mask=mask, task=task)
-        out = self.norm_f(residual + hidden)
+        out = self._final_norm(hidden, residual)
         if cache is not None:
             cache.seqlen_offset += inputs_embeds.size(1)
         return out
@@ -184,7 +186,11 @@ class Mamba2Backbone(nn.Module):
         for layer in self.layers:
             hidden, residual = layer.step(hidden, residual, cache, task=task)
         cache.seqlen_offset += 1
-        return self.norm_f(residual + hidden)
+        return self._final_norm(hidden, residual)
+
+    def _final_norm(self, hidden: Tensor, residual: Tensor) -> Tensor:
+        kernels = self.layers[0].mixer.kernels
+        return kernels.add_rmsnorm(hidden, residual, self.norm_f.weight, self.norm_f.eps)[0]
 
 
 @torch.no_grad()
@@ -238,13 +244,11 @@ class Mamba2LM(nn.Module):
     def set_backend(self, backend: str) -> None:
         """Switch every mixer to another kernel backend ('auto', 'reference', ...)."""
         self.backend = resolve_backend_name(backend)
-        kernels = load_backend(self.backend)
-        for layer in self.backbone.layers:
-            layer.mixer.kernels = kernels
+        self.backbone.set_kernels(load_backend(self.backend))
 
-    def allocate_cache(self, batch_size: int, device=None, dtype=None) -> Mamba2Cache:
+    def allocate_cache(self, batch_size: int, device=None, dtype=None, ssm_dtype=None) -> Mamba2Cache:
         p = self.lm_head.weight
-        return Mamba2Cache.empty(self.config, batch_size, device or p.device, dtype or p.dtype)
+        return Mamba2Cache.empty(self.config, batch_size, device or p.device, dtype or p.dtype, ssm_dtype=ssm_dtype)
 
     # --- input checks -----------------------------------------------------------------------------------
     def check_input_ids(self, input_ids: Tensor) -> None:

@@ -1,7 +1,7 @@
 """The kernel seam: every Mamba-2 computation the model needs, behind one small interface.
 
-A backend is a module exposing `ssd_chunked`, `ssd_step`, `causal_conv`, `conv_step` and `gated_rmsnorm` with
-the signatures of `omnimamba.ops.reference`, which is the spec. GPU backends must match it in tests.
+A backend is a module exposing the functions of KERNEL_NAMES with the signatures of `omnimamba.ops.reference`,
+which is the spec. GPU backends must match it in tests.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from types import ModuleType
 
 import torch
 
-KERNEL_NAMES = ("ssd_chunked", "ssd_step", "causal_conv", "conv_step", "gated_rmsnorm")
+KERNEL_NAMES = ("ssd_chunked", "ssd_step", "ssd_decode", "causal_conv", "conv_step", "add_rmsnorm", "gated_rmsnorm")
 
 # name -> module path; a backend is imported only when asked for, so optional GPU packages stay optional.
 BACKENDS = {

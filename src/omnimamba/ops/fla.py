@@ -1,16 +1,23 @@
-"""GPU backend on flash-linear-attention (pure Triton). Mamba-2's SSD is simple GLA with a per-head scalar
-decay: q = C, k = B, v = x * dt, log-decay g = dt * A, scale 1, plus D * x (issue 6).
+"""GPU backend on pure-Triton kernels: flash-linear-attention (fla) and our fused decode step.
 
-The scan and the causal conv (whole sequence and one step) run on fla; the SSM decode step and the gated
-norm are still the reference ones (same signatures), so every model path works and the seam stays whole.
+Mamba-2's SSD is simple GLA with a per-head scalar decay: q = C, k = B, v = x * dt, log-decay g = dt * A,
+scale 1, plus D * x. The scan, the causal conv (whole sequence and one step), the fused residual add +
+RMSNorm and the gated RMSNorm run on fla; the decode step of the SSM is `triton_step.ssd_decode`. `ssd_step`
+(the spec's primitive, unused by the model) stays the reference one.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import re
+import warnings
+
 import torch
 from torch import Tensor
 
-from .reference import gated_rmsnorm, ssd_step  # noqa: F401  (not yet fused)
+from . import reference
+from .reference import ssd_step  # noqa: F401
 
 
 def is_available() -> bool:
@@ -23,13 +30,36 @@ def is_available() -> bool:
     return True
 
 
+@functools.cache
+def scan_backward_unsafe() -> bool:
+    """fla 0.6 refuses the backward of its gated scan on Hopper GPUs under Triton 3.4.0 to 3.7.0, which
+    compute it wrongly there (fla issue #640), unless tilelang is installed. Training then differentiates
+    the reference scan instead; inference is unaffected."""
+    import importlib.util
+
+    import triton
+
+    if importlib.util.find_spec("tilelang") is not None or torch.cuda.get_device_capability()[0] != 9:
+        return False
+    version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:3])
+    return (3, 4, 0) <= version < (3, 7, 1)
+
+
 def ssd_chunked(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None = None,
     initial_state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Same contract as `reference.ssd_chunked`; fla picks its own chunk size (the result does not depend
-    on it)."""
+    on it). Where fla's backward is unsafe (see `scan_backward_unsafe`) and a gradient is needed, the
+    reference scan runs instead, with a warning once."""
     from fla.ops.simple_gla import chunk_simple_gla
+
+    tensors = (x, dt, A, B, C, D, initial_state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors) and scan_backward_unsafe():
+        warnings.warn("flash-linear-attention's scan backward is wrong on Hopper with this Triton version "
+                      "(fla #640): training uses the reference scan (slower). Install Triton >= 3.7.1 or "
+                      "tilelang for the fast backward.", stacklevel=2)
+        return reference.ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
 
     h = x.size(2)
     rep = h // B.size(2)
@@ -65,3 +95,31 @@ def conv_step(state: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> 
     y, _ = causal_conv1d_update(x.to(state.dtype).contiguous(), state, weight=weight.to(state.dtype).contiguous(),
                                 bias=None if bias is None else bias.to(state.dtype), activation="silu")
     return y.to(x.dtype)
+
+
+def ssd_decode(
+    state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+    dt_bias: Tensor | None = None, dt_limit: tuple[float, float] = (0.0, math.inf),
+) -> Tensor:
+    """Same contract as `reference.ssd_decode`, one Triton kernel (state read and written once)."""
+    from .triton_step import ssd_decode as fused
+
+    return fused(state, x, dt, A_log, B, C, D=D, dt_bias=dt_bias, dt_limit=dt_limit)
+
+
+def add_rmsnorm(
+    x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, residual_in_fp32: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Same contract as `reference.add_rmsnorm`: one fused kernel (fla's prenorm RMSNorm), with backward."""
+    from fla.modules.norm.layernorm import rms_norm
+
+    normed, residual = rms_norm(x, weight, None, residual=residual, eps=eps, prenorm=True,
+                                residual_in_fp32=residual_in_fp32)
+    return normed.to(weight.dtype), residual
+
+
+def gated_rmsnorm(x: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int) -> Tensor:
+    """Same contract as `reference.gated_rmsnorm` (norm after the SiLU gate, per group): fla's Triton kernel."""
+    from fla.modules.norm.layernorm_gated import rmsnorm_fn
+
+    return rmsnorm_fn(x, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=False)

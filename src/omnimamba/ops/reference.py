@@ -8,6 +8,8 @@ The SSD recurrence (Mamba-2 paper, eq. 1 with scalar A per head):
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -105,17 +107,35 @@ def ssd_step(
     x (b, h, p); dt (b, h) already softplus'ed and biased; B, C (b, g, n). Returns y (b, h, p) in x's dtype.
     """
     h = x.size(1)
-    cdt = state.dtype
+    cdt = _compute_dtype(state.dtype)  # a bf16 state is updated in float32 and rounded when stored
     dt = dt.to(cdt)
     B = _heads_from_groups(B, h, dim=1).to(cdt)
     C = _heads_from_groups(C, h, dim=1).to(cdt)
     xc = x.to(cdt)
     decay = torch.exp(dt * A.to(cdt))
-    state.mul_(decay[..., None, None]).add_(torch.einsum("bh,bhp,bhn->bhpn", dt, xc, B))
-    y = torch.einsum("bhpn,bhn->bhp", state, C)
+    new = state.to(cdt) * decay[..., None, None] + torch.einsum("bh,bhp,bhn->bhpn", dt, xc, B)
+    state.copy_(new)
+    y = torch.einsum("bhpn,bhn->bhp", new, C)
     if D is not None:
         y = y + D.to(cdt)[:, None] * xc
     return y.to(x.dtype)
+
+
+def ssd_decode(
+    state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+    dt_bias: Tensor | None = None, dt_limit: tuple[float, float] = (0.0, math.inf),
+) -> Tensor:
+    """The decode step as a mixer runs it, from its raw parameters: dt (b, h) before the softplus,
+    dt = clamp(softplus(dt + dt_bias), *dt_limit), A = -exp(A_log); then `ssd_step` (state updated in place).
+    """
+    cdt = _compute_dtype(state.dtype)
+    dt = dt.to(cdt)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(cdt)
+    dt = F.softplus(dt)
+    if tuple(dt_limit) != (0.0, math.inf):
+        dt = dt.clamp(*dt_limit)
+    return ssd_step(state, x, dt, -torch.exp(A_log.to(cdt)), B, C, D)
 
 
 def causal_conv(
@@ -146,6 +166,19 @@ def conv_step(state: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> 
     if bias is not None:
         out = out + bias.to(state.dtype)
     return F.silu(out).to(x.dtype)
+
+
+def add_rmsnorm(
+    x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, residual_in_fp32: bool = False
+) -> tuple[Tensor, Tensor]:
+    """The pre-norm block's entry: residual = x (+ residual); returns (RMSNorm(residual) * weight in the
+    weight's dtype, residual), the residual in float32 when `residual_in_fp32` (mamba_ssm's fused add-norm)."""
+    residual = x if residual is None else residual + x
+    cdt = _compute_dtype(residual.dtype)
+    normed = F.rms_norm(residual.to(cdt), (residual.size(-1),), weight.to(cdt), eps).to(weight.dtype)
+    if residual_in_fp32:
+        residual = residual.to(cdt)
+    return normed, residual
 
 
 def gated_rmsnorm(x: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int) -> Tensor:
