@@ -98,6 +98,37 @@ def test_text_generation_batched_equals_one_by_one_and_streams():
     assert torch.equal(streamed, batched)
 
 
+@torch.no_grad()
+def test_decoding_on_merged_route_weights_equals_the_lora_route():
+    """Generation runs in_proj on a merged copy W + dW of the active route: same tokens as the unmerged
+    route, the copy follows weight changes, and the base weight is untouched."""
+    model = make_model().double().eval()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.normal_(0, 0.05)
+    images = torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    ids = torch.tensor([TOK.encode("user: how many circles are there? assistant:")] * 2)
+    weight = model.backbone.layers[0].mixer.in_proj.weight.clone()
+    for _ in range(2):  # the second round after changing a LoRA weight: the merged copy is refreshed
+        model.decode_with_merged_lora = False
+        plain = model.generate_text(images, ids, max_new_tokens=8, stop_at_eot=False)
+        plain_codes = model.generate_image_codes(*t2i_args(), guidance_scale=2.0, temperature=0.0)
+        model.decode_with_merged_lora = True
+        assert torch.equal(model.generate_text(images, ids, max_new_tokens=8, stop_at_eot=False), plain)
+        assert torch.equal(model.generate_image_codes(*t2i_args(), guidance_scale=2.0, temperature=0.0),
+                           plain_codes)
+        model.backbone.layers[1].mixer.in_proj.lora_B["mmu"].weight.mul_(-3)
+        model.backbone.layers[1].mixer.in_proj.lora_B["t2i"].weight.mul_(-3)
+    in_proj = model.backbone.layers[0].mixer.in_proj
+    assert torch.equal(in_proj.weight, weight) and set(in_proj.decode_weights) == {"mmu", "t2i"}
+    assert not in_proj.decode_active  # nothing stays active after generation
+
+
+def t2i_args():
+    tb = t2i_batch()
+    return tb.prefix_ids, tb.prefix_mask, tb.caption_mask
+
+
 def test_guidance_mixes_conditional_and_null_caption_rows():
     cond, uncond = torch.tensor([[1.0, 3.0]]), torch.tensor([[2.0, 2.0]])
     torch.testing.assert_close(cfg_logits(cond, uncond, 3.0), torch.tensor([[-1.0, 5.0]]))

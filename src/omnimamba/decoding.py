@@ -1,0 +1,95 @@
+"""Decode steps replayed as CUDA graphs.
+
+A Mamba decode step is a fixed sequence of a few hundred small kernels over fixed-shape buffers (the
+weights and the `Mamba2Cache`); launching them one by one from Python costs more than running them. A
+`StepRunner` captures one step once per (batch size, task route) and replays it: the inputs are copied into
+static buffers, the cache is updated in place, and the output lands in a static buffer that the next replay
+overwrites (read it, or clone it, before the next step).
+
+Off CUDA, or with `use_graph=False`, the runner calls the step eagerly; both give the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .mamba2.cache import Mamba2Cache
+
+
+class StepRunner:
+    """Runs `fn(*inputs) -> Tensor`, a decode step that updates `cache` in place, eagerly or as a graph.
+
+    Capturing runs the step a few times, which scribbles on the cache: the runner therefore resets the
+    cache after capture, and callers fill it (prefill) afterwards.
+    """
+
+    def __init__(self, fn: Callable[..., Tensor], cache: Mamba2Cache, example_inputs: tuple[Tensor, ...],
+                 use_graph: bool, warmup: int = 2):
+        self.fn = fn
+        self.cache = cache
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if not use_graph:
+            return
+        self.inputs = tuple(t.clone() for t in example_inputs)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
+            for _ in range(warmup):
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = fn(*self.inputs)
+        cache.reset()
+
+    @property
+    def graphed(self) -> bool:
+        return self.graph is not None
+
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        if self.graph is None:
+            return self.fn(*inputs)
+        for buffer, value in zip(self.inputs, inputs):
+            buffer.copy_(value)
+        self.graph.replay()
+        self.cache.seqlen_offset += 1  # the step's Python-side bookkeeping does not replay
+        return self.output
+
+
+class StepRunnerPool:
+    """The runners of one model, keyed by (kind, batch size, route, ...), least recently used dropped first.
+
+    Each runner owns a cache, so the pool bounds the memory it holds."""
+
+    def __init__(self, max_size: int = 8):
+        self.max_size = max_size
+        self._runners: OrderedDict[tuple, StepRunner] = OrderedDict()
+
+    def get(self, key: tuple, build: Callable[[], StepRunner]) -> StepRunner:
+        if key in self._runners:
+            self._runners.move_to_end(key)
+            return self._runners[key]
+        runner = build()
+        self._runners[key] = runner
+        while len(self._runners) > self.max_size:
+            self._runners.popitem(last=False)
+        return runner
+
+    def clear(self) -> None:
+        self._runners.clear()
+
+    def __len__(self) -> int:
+        return len(self._runners)
+
+
+def graphs_enabled(requested: bool | None, module: torch.nn.Module, device: torch.device) -> bool:
+    """None means: on for CUDA models in eval mode (dropout in training mode would be captured once)."""
+    if requested is None:
+        return device.type == "cuda" and not module.training
+    if requested and device.type != "cuda":
+        raise ValueError("CUDA graphs need a CUDA model; pass use_cuda_graph=False (or None) on the CPU")
+    return requested

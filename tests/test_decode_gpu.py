@@ -1,0 +1,136 @@
+"""The GPU decode path of OmniMamba (fused Triton kernels + CUDA-graph replay) against the reference kernels
+run eagerly (skipped without CUDA and flash-linear-attention)."""
+
+import pytest
+import torch
+
+from omnimamba.mamba2 import Mamba2Config
+from omnimamba.model import OmniMamba, preset
+from omnimamba.ops import fla as fla_backend
+from omnimamba.sequence import pad_left, t2i_prefix
+from omnimamba.tokenizer import TextTokenizer
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not fla_backend.is_available(),
+                                                  reason="needs CUDA and flash-linear-attention")]
+
+TOK = TextTokenizer.shapes()
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def model_on(backend, dtype=torch.float32):
+    """Shapes-tiny's vocabularies and encoders on a 4-layer backbone of real head sizes (64 x 128)."""
+    torch.manual_seed(0)
+    base = preset("shapes-tiny")
+    cfg = base.replace(backbone=Mamba2Config(d_model=256, n_layer=4, vocab_size=base.backbone.vocab_size,
+                                             pad_vocab_size_multiple=8, headdim=64, d_state=128,
+                                             chunk_size=64, tie_embeddings=True))
+    model = OmniMamba(cfg, backend="reference")
+    with torch.no_grad():  # make the LoRA routes matter (B starts at zero)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    model = model.cuda().to(dtype).eval()
+    model.set_backend(backend)
+    return model
+
+
+def mmu_inputs(b=1):
+    gen = torch.Generator().manual_seed(5)
+    pixels = torch.rand(b, 3, 64, 64, generator=gen).cuda()
+    prompt = torch.randint(0, TOK.base_vocab_size, (b, 20), generator=gen).cuda()
+    return pixels, prompt
+
+
+def teacher_forced_logits(model, pixels, prompt, tokens, graph):
+    """Text logits of each step while feeding `tokens` (b, T): prefill, then T - 1 decode steps. Special
+    tokens but [EOT] are masked out, as generate_text does."""
+    specials = torch.arange(model.config.text_vocab_size, device=prompt.device) >= model.config.text_base_vocab_size
+    specials[model.special.eot] = False
+    out = []
+    with model._decoder("text", prompt.size(0), prompt.device, graph) as runner:
+        x = model.mmu_embeddings(pixels, prompt)
+        hidden = model.backbone(x, cache=runner.cache, task="mmu")[:, -1]
+        for t in range(tokens.size(1)):
+            out.append(model.text_logits(hidden).float().masked_fill(specials, float("-inf")))
+            if t < tokens.size(1) - 1:
+                hidden = runner(tokens[:, t])
+    return torch.stack(out, 1)
+
+
+@torch.no_grad()
+def test_200_greedy_steps_on_the_fast_path_match_the_reference_float32():
+    pixels, prompt = mmu_inputs()
+    reference = model_on("reference")
+    tokens = reference.generate_text(pixels, prompt, max_new_tokens=200, stop_at_eot=False, use_cuda_graph=False)
+    assert tokens.shape == (1, 200)
+    ref_logits = teacher_forced_logits(reference, pixels, prompt, tokens, graph=False)
+    fast = model_on("fla")
+    fast_logits = teacher_forced_logits(fast, pixels, prompt, tokens, graph=True)
+    assert (ref_logits.argmax(-1) == tokens).all()
+    assert (fast_logits.argmax(-1) == tokens).float().mean() >= 0.95
+    finite = ref_logits.isfinite()
+    assert rel(fast_logits[finite], ref_logits[finite]) < 5e-3  # fla's prefill multiplies in TF32
+
+
+@torch.no_grad()
+def test_bf16_fast_path_adds_no_error_beyond_bf16_rounding():
+    """Against float32 truth, the bf16 fast path (fused kernels, graphs) is as close as the bf16 reference."""
+    pixels, prompt = mmu_inputs(2)
+    tokens = torch.randint(0, TOK.base_vocab_size, (2, 64)).cuda()
+    truth = teacher_forced_logits(model_on("reference"), pixels, prompt, tokens, False)
+    bf16_ref = teacher_forced_logits(model_on("reference", torch.bfloat16), pixels.bfloat16(), prompt, tokens, False)
+    bf16_fast = teacher_forced_logits(model_on("fla", torch.bfloat16), pixels.bfloat16(), prompt, tokens, True)
+    finite = truth.isfinite()
+    err_ref, err_fast = rel(bf16_ref[finite], truth[finite]), rel(bf16_fast[finite], truth[finite])
+    assert err_fast < 2e-2 and err_fast < 1.25 * err_ref, (err_fast, err_ref)
+
+
+@torch.no_grad()
+def test_stepped_decode_matches_the_chunked_forward():
+    """Decoding token by token (graphed) gives the logits a whole-sequence forward gives."""
+    model = model_on("fla")
+    pixels, prompt = mmu_inputs()
+    tokens = torch.randint(0, TOK.base_vocab_size, (1, 40)).cuda()
+    stepped = teacher_forced_logits(model, pixels, prompt, tokens, graph=True)
+    x = model.mmu_embeddings(pixels, torch.cat([prompt, tokens], 1))
+    chunked = model.text_logits(model.backbone(x, task="mmu")[:, -41:-1])
+    kept = stepped.isfinite()  # the special tokens generation masks out
+    assert rel(stepped[kept], chunked[kept]) < 5e-3
+
+
+@torch.no_grad()
+def test_graphed_generation_equals_eager_generation():
+    model = model_on("fla", torch.bfloat16)
+    pixels, prompt = mmu_inputs(3)
+    pixels = pixels.bfloat16()
+    eager = model.generate_text(pixels, prompt, max_new_tokens=30, stop_at_eot=False, use_cuda_graph=False)
+    graphed = model.generate_text(pixels, prompt, max_new_tokens=30, stop_at_eot=False, use_cuda_graph=True)
+    again = model.generate_text(pixels, prompt, max_new_tokens=30, stop_at_eot=False)  # reuses the capture
+    assert torch.equal(eager, graphed) and torch.equal(graphed, again)
+    assert len(model._runners) == 1
+
+    prefixes = [t2i_prefix(TOK, c, model.config.max_caption_tokens) for c in ("a red circle", "two squares")]
+    ids, mask = pad_left([p for p, _ in prefixes], TOK.special.eot)
+    cap, _ = pad_left([m for _, m in prefixes], False)
+    args = (ids.cuda(), mask.cuda(), cap.bool().cuda())
+    for state_dtype in (None, torch.bfloat16):  # the default float32 state, then the optional bf16 one
+        model.decode_state_dtype = state_dtype
+        eager = model.generate_image_codes(*args, guidance_scale=3.0, temperature=0.0, use_cuda_graph=False)
+        graphed = model.generate_image_codes(*args, guidance_scale=3.0, temperature=0.0, use_cuda_graph=True)
+        assert torch.equal(eager, graphed)
+
+
+@torch.no_grad()
+def test_interleaved_generations_do_not_share_a_cache():
+    model = model_on("fla")
+    pixels, prompt = mmu_inputs()
+    alone = model.generate_text(pixels, prompt, max_new_tokens=12, stop_at_eot=False)
+    first = model.generate_text(pixels, prompt, max_new_tokens=12, stop_at_eot=False, stream=True)
+    second = model.generate_text(pixels, prompt, max_new_tokens=12, stop_at_eot=False, stream=True)
+    a, b = [], []
+    for x, y in zip(first, second):
+        a.append(x), b.append(y)
+    assert torch.equal(torch.stack(a, 1), alone) and torch.equal(torch.stack(b, 1), alone)

@@ -1,0 +1,40 @@
+"""The decode-step runner off the GPU: eager calls, the runner pool's bounds, and the clear error for graphs
+on the CPU (graph replay itself is tested on the GPU, tests/test_decode_gpu.py)."""
+
+import pytest
+import torch
+
+from omnimamba.decoding import StepRunner, StepRunnerPool, graphs_enabled
+from omnimamba.mamba2 import Mamba2Cache, preset
+
+
+def test_eager_runner_calls_the_step_and_leaves_the_cache_alone():
+    cache = Mamba2Cache.empty(preset("mamba2-tiny"), 2)
+    cache.ssm.fill_(3.0)
+    runner = StepRunner(lambda t: t * 2, cache, (torch.zeros(2),), use_graph=False)
+    assert not runner.graphed
+    assert torch.equal(runner(torch.tensor([1.0, 2.0])), torch.tensor([2.0, 4.0]))
+    assert (cache.ssm == 3.0).all()
+
+
+def test_pool_keeps_the_most_recently_used_runners():
+    pool = StepRunnerPool(max_size=2)
+    built = []
+
+    def build(name):
+        built.append(name)
+        return name
+
+    for key in ("a", "b", "a", "c", "a", "b"):
+        pool.get((key,), lambda k=key: build(k))
+    # 'a' was used again before 'c' arrived, so 'b' went first; 'b' had to be built again.
+    assert built == ["a", "b", "c", "b"] and len(pool) == 2
+
+
+def test_graphs_default_off_on_cpu_and_refused_when_forced():
+    module = torch.nn.Linear(2, 2).eval()
+    assert graphs_enabled(None, module, torch.device("cpu")) is False
+    assert graphs_enabled(False, module, torch.device("cpu")) is False
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA model"):
+        graphs_enabled(True, module, torch.device("cpu"))
+    assert graphs_enabled(None, module.train(), torch.device("cuda")) is False
