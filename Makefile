@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup quickstart test bench
+.PHONY: setup quickstart test bench bench-gpu
 
 setup:
 	@bash scripts/setup.sh
@@ -15,3 +15,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/backbone_cpu.py
+
+# On a CUDA machine with the gpu and bench extras installed: GPU tests, the three GPU benchmarks, the report.
+bench-gpu: setup
+	PATH=$(abspath $(VENV))/bin:$$PATH bash benchmarks/run_gpu.sh

@@ -1,0 +1,93 @@
+"""Where one decode step of the 1.3B preset spends its time: the graphed step's replay time, the same with
+the LoRA route merged into in_proj, and the eager step's kernels by name (CUDA time per step) from the
+PyTorch profiler. Random weights, bf16, batch sizes from --batch.
+
+    python benchmarks/profile_decode.py [--batch 1 32] [--top 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import torch
+
+import gpu_common as gc
+from mmu_long_generation import build_omnimamba
+
+
+def replay_ms(runner, inputs, n: int = 200) -> float:
+    for _ in range(10):
+        runner(*inputs)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        runner(*inputs)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def gemv_bandwidth(rows: int, cols: int, batch: int) -> float:
+    w = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(batch, cols, device="cuda", dtype=torch.bfloat16)
+    g = torch.cuda.CUDAGraph()
+    torch.nn.functional.linear(x, w)
+    with torch.cuda.graph(g):
+        for _ in range(20):
+            torch.nn.functional.linear(x, w)
+    g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        g.replay()
+    end.record()
+    end.synchronize()
+    return w.nbytes * 200 / (start.elapsed_time(end) / 1e3)
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--top", type=int, default=15)
+    args = ap.parse_args()
+    print(gc.device_info())
+    bw = gc.copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    model = build_omnimamba()
+    c = model.config.backbone
+    for b in args.batch:
+        print(f"in_proj as one GEMM at batch {b}: {gemv_bandwidth(c.d_in_proj, c.d_model, b) / 1e12:.2f} TB/s; "
+              f"out_proj: {gemv_bandwidth(c.d_model, c.d_inner, b) / 1e12:.2f} TB/s")
+        tokens = torch.zeros(b, dtype=torch.long, device="cuda")
+        for kind, inputs in (("text", (tokens,)), ("image", (tokens, tokens))):
+            runner = model._step_runner(kind, b, torch.device("cuda"), True)
+            print(f"batch {b} {kind} step, graphed: {replay_ms(runner, inputs):.3f} ms")
+        model.merge_lora("mmu")
+        runner = model._step_runner("text", b, torch.device("cuda"), True)
+        print(f"batch {b} text step, graphed, LoRA merged: {replay_ms(runner, (tokens,)):.3f} ms")
+        model.unmerge_lora()
+
+        eager = model._step_runner("text", b, torch.device("cuda"), False)
+        for _ in range(3):
+            eager(tokens)
+        steps = 5
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                eager(tokens)
+            torch.cuda.synchronize()
+        per_name = defaultdict(lambda: [0.0, 0])
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                per_name[e.name][0] += e.device_time / steps / 1e3
+                per_name[e.name][1] += 1
+        total = sum(v[0] for v in per_name.values())
+        launches = sum(v[1] for v in per_name.values()) // steps
+        print(f"batch {b} eager text step: {launches} kernels, {total:.3f} ms of kernel time")
+        for name, (ms, count) in sorted(per_name.items(), key=lambda kv: -kv[1][0])[: args.top]:
+            print(f"  {ms:8.3f} ms  {count // steps:4d}x  {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU tests and the three GPU benchmarks in one go, for one lent machine (or your own GPU).
+# Usage: bash benchmarks/run_gpu.sh [quick]   -- "quick" runs small sizes, to check that everything runs.
+# Uses the python on PATH (with torch, triton, transformers, timm, flash-linear-attention and matplotlib:
+# pip install -e .[gpu,bench]); logs and JSON go to benchmarks/results/ and, when set, to $OUT; the
+# Markdown tables and the plot are written by benchmarks/report.py at the end.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+LOGS="${OUT:-benchmarks/results}"
+mkdir -p "$LOGS"
+status=0
+python3 -m pytest tests/test_ops_gpu.py tests/test_decode_gpu.py -p no:cacheprovider 2>&1 | tee "$LOGS/gpu_tests.log" || status=1
+if [ "${1:-}" = quick ]; then
+    python3 benchmarks/mmu_long_generation.py --lengths 1024 8192 --window 32 2>&1 | tee "$LOGS/mmu_long_generation.log" || status=1
+    python3 benchmarks/image_generation.py --images 4 --repeat 1 2>&1 | tee "$LOGS/image_generation.log" || status=1
+    python3 benchmarks/training_throughput.py --mmu-batch 1 --t2i-batch 4 --warmup 1 --steps 2 2>&1 | tee "$LOGS/training_throughput.log" || status=1
+else
+    python3 benchmarks/mmu_long_generation.py 2>&1 | tee "$LOGS/mmu_long_generation.log" || status=1
+    python3 benchmarks/image_generation.py 2>&1 | tee "$LOGS/image_generation.log" || status=1
+    python3 benchmarks/training_throughput.py 2>&1 | tee "$LOGS/training_throughput.log" || status=1
+fi
+python3 benchmarks/report.py > /dev/null && echo "tables: benchmarks/results/gpu_benchmarks.md" || status=1
+exit $status

@@ -1,0 +1,158 @@
+"""Training throughput of stage 2 (unified fine-tuning) at the 1.3B preset: tokens/s of full optimizer
+steps. One GPU, one run, random weights and random data.
+
+A step: an MMU batch ([MMU][SOI] 729 image features [EOI][SOT] 128 text tokens) and a T2I batch (a 72-token
+caption prefix + 256 image codes + [EOI]) through one forward, the summed loss backward, and fused AdamW on
+every parameter but the frozen vision encoders and VQ, under bf16 autocast with float32 master weights,
+as `omnimamba train` runs it. The default batch is the paper's stage-2 ratio, 3 MMU : 48 T2I per GPU.
+
+Baseline: transformers LLaMA ~1.3B (DeepSeek-LLM-1.3B shape), SDPA, the same sequence lengths and batch as
+token ids, the same optimizer and autocast; run at the batch OmniMamba fitted, and at the asked one. It has no vision encoder to run; OmniMamba's time includes its
+frozen DINOv2 + SigLIP forward. Tokens counted: every sequence position through the backbone.
+
+    python benchmarks/training_throughput.py [--mmu-batch 3] [--t2i-batch 48] [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+import gpu_common as gc
+from omnimamba.model import OmniMamba, preset
+from omnimamba.sequence import IGNORE_INDEX, MMUBatch, T2IBatch
+from omnimamba.training.stages import apply_freeze_plan
+
+COLUMNS = ["system", "mmu_batch", "t2i_batch", "tokens_per_step", "step_s", "tokens_per_s", "peak_GiB", "note"]
+TEXT = 128
+
+
+def timed_steps(step, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = gc.sync_time()
+        step()
+        times.append(gc.sync_time() - t0)
+    return statistics.median(times)
+
+
+def omnimamba_step_fn(model, bm: int, bt: int):
+    cfg, sp = model.config, model.config.special
+    size = cfg.understanding.image_size
+    text = torch.randint(0, cfg.text_base_vocab_size, (bm, TEXT), device="cuda")
+    labels = text.clone()
+    labels[:, : TEXT // 4] = IGNORE_INDEX  # the question is not a target
+    mmu = MMUBatch(torch.rand(bm, 3, size, size, device="cuda"), text, labels)
+    cap = cfg.max_caption_tokens
+    prefix = torch.cat([torch.tensor([sp.t2i, sp.sot], device="cuda").expand(bt, -1),
+                        torch.randint(0, cfg.text_base_vocab_size, (bt, cap), device="cuda"),
+                        torch.tensor([sp.eot, sp.soi], device="cuda").expand(bt, -1)], 1)
+    caption = torch.zeros_like(prefix, dtype=torch.bool)
+    caption[:, 2:2 + cap] = True
+    t2i = T2IBatch(prefix, torch.ones_like(prefix), caption,
+                   torch.randint(0, cfg.vq.codebook_size, (bt, cfg.image_tokens), device="cuda"), None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    n_image = model.encode_images(mmu.pixel_values[:1]).size(1)
+    tokens = bm * (4 + n_image + TEXT) + bt * (prefix.size(1) + cfg.image_tokens + 1)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(mmu=mmu, t2i=t2i)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, tokens
+
+
+def llama_step_fn(model, bm: int, bt: int, mmu_len: int, t2i_len: int):
+    batches = [torch.randint(2, model.config.vocab_size, (b, n), device="cuda")
+               for b, n in ((bm, mmu_len), (bt, t2i_len)) if b]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = 0
+            for ids in batches:
+                logits = model(input_ids=ids).logits
+                loss = loss + F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, bm * mmu_len + bt * t2i_len
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mmu-batch", type=int, default=3)
+    ap.add_argument("--t2i-batch", type=int, default=48)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8)
+    args = ap.parse_args()
+    info = gc.device_info()
+    rows = []
+
+    def record(system: str, build, batches) -> tuple[int, int]:
+        """Run at the first of `batches` (mmu, t2i) that fits in memory; every try is a row."""
+        for bm, bt in batches:
+            row = {"system": system, "mmu_batch": bm, "t2i_batch": bt}
+            step = None
+            try:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                step, tokens = build(bm, bt)
+                seconds = timed_steps(step, args.warmup, args.steps)
+                row.update(tokens_per_step=tokens, step_s=seconds, tokens_per_s=tokens / seconds,
+                           peak_GiB=gc.gib(torch.cuda.max_memory_allocated()))
+            except torch.OutOfMemoryError:
+                row["note"] = "out of memory"
+            rows.append(row)
+            gc.print_table([row], COLUMNS)
+            del step
+            if "note" not in row:
+                return bm, bt
+        return batches[-1]
+
+    from omnimamba.ops import fla as fla_backend
+
+    scan_backward = ("reference (fla's is unsafe on Hopper with this Triton, fla #640)"
+                     if fla_backend.scan_backward_unsafe() else "flash-linear-attention")
+    print(f"scan backward: {scan_backward}")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = OmniMamba(preset("omnimamba-1.3b"), backend="auto")
+    model.train()
+    apply_freeze_plan(model, "stage2-unified")
+    n_image = model.encode_images(torch.rand(1, 3, 384, 384, device="cuda")).size(1)
+    mmu_len, t2i_len = 4 + n_image + TEXT, 2 + model.config.max_caption_tokens + 2 + model.config.image_tokens + 1
+    # The paper's batch first, then smaller ones at about its ratio, down to one sequence of each.
+    bm, bt = args.mmu_batch, args.t2i_batch
+    batches = [(bm, bt)] + [(max(1, bm // k), max(1, bt // k)) for k in (2, 4, 8, 16, 48) if bt // k < bt]
+    fitted = record("omnimamba", lambda bm, bt: omnimamba_step_fn(model, bm, bt), batches)
+    del model
+    torch.cuda.empty_cache()
+
+    llama = gc.llama_baseline().float().train()
+    record("llama", lambda bm, bt: llama_step_fn(llama, bm, bt, mmu_len, t2i_len), [fitted])
+    if fitted != (bm, bt):
+        record("llama", lambda bm, bt: llama_step_fn(llama, bm, bt, mmu_len, t2i_len), [(bm, bt)])
+
+    print()
+    gc.print_table(rows, COLUMNS)
+    path = gc.write_json("training_throughput", {
+        "benchmark": "stage-2 training step (forward, backward, fused AdamW), bf16 autocast, float32 master weights",
+        "weights": gc.RANDOM_WEIGHTS, "mmu_sequence": mmu_len, "t2i_sequence": t2i_len,
+        "scan_backward": scan_backward, "warmup_steps": args.warmup, "timed_steps": args.steps, **info,
+        "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
