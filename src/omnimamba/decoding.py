@@ -31,6 +31,7 @@ class StepRunner:
                  use_graph: bool, warmup: int = 2):
         self.fn = fn
         self.cache = cache
+        self.in_use = False  # held by a running generation (set by its owner)
         self.graph: torch.cuda.CUDAGraph | None = None
         if not use_graph:
             return

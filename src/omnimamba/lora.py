@@ -79,7 +79,7 @@ class TaskLoRALinear(nn.Linear):
         return self.decode_weights[task]
 
     def forward(self, x: Tensor, task: str | None = None) -> Tensor:
-        if task in self.decode_active and task != self.merged_task and self.merged_task is None:
+        if self.merged_task is None and task in self.decode_active:
             return F.linear(x, self.decode_weights[task], self.bias)
         out = F.linear(x, self.weight, self.bias)
         if task is None or task == self.merged_task:

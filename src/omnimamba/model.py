@@ -440,7 +440,7 @@ class OmniMamba(nn.Module):
             key = (kind, batch_size, route, w.device, w.dtype, w.data_ptr(), self.decode_with_merged_lora,
                    self.decode_state_dtype)
             runner = self._runners.get(key, lambda: build(True))
-            if not getattr(runner, "in_use", False):
+            if not runner.in_use:
                 runner.cache.reset()
                 return runner
         return build(False)
