@@ -1,5 +1,6 @@
-"""Where one decode step of the 1.3B preset spends its time: the graphed step's replay time, the same with
-the LoRA route merged into in_proj, and the eager step's kernels by name (CUDA time per step) from the
+"""Where one decode step of the 1.3B preset spends its time: the graphed step's replay time with the LoRA
+route run as two extra GEMMs, the same with it merged into in_proj (the GEMM count generation has, since it
+runs merged copies), and the eager step's kernels (LoRA unmerged) by name (CUDA time per step) from the
 PyTorch profiler. Random weights, bf16, batch sizes from --batch.
 
     python benchmarks/profile_decode.py [--batch 1 32] [--top 15]
@@ -63,9 +64,10 @@ def main() -> None:
         tokens = torch.zeros(b, dtype=torch.long, device="cuda")
         for kind, inputs in (("text", (tokens,)), ("image", (tokens, tokens))):
             runner = model._step_runner(kind, b, torch.device("cuda"), True)
-            print(f"batch {b} {kind} step, graphed: {replay_ms(runner, inputs):.3f} ms")
+            print(f"batch {b} {kind} step, graphed, LoRA route as two extra GEMMs: {replay_ms(runner, inputs):.3f} ms")
         model.merge_lora("mmu")
         runner = model._step_runner("text", b, torch.device("cuda"), True)
+        # generation runs in_proj on merged copies (decode_with_merged_lora): the same GEMM count as this
         print(f"batch {b} text step, graphed, LoRA merged: {replay_ms(runner, (tokens,)):.3f} ms")
         model.unmerge_lora()
 
