@@ -22,23 +22,21 @@ from types import ModuleType
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import load_backend, resolve_backend_name
+from ..ops.reference import discretize_dt
 from .cache import Mamba2Cache
 from .config import Mamba2Config
 
 
 class RMSNorm(nn.Module):
+    """Holds the weight of mamba_ssm's RMSNorm; the computation is the backend's `add_rmsnorm`."""
+
     def __init__(self, d: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(d))
-
-    def forward(self, x: Tensor) -> Tensor:
-        cdt = torch.promote_types(x.dtype, torch.float32)
-        return F.rms_norm(x.to(cdt), (x.size(-1),), self.weight.to(cdt), self.eps).to(self.weight.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -73,11 +71,6 @@ class Mamba2Mixer(nn.Module):
         c = self.config
         return torch.split(zxbcdt, [c.d_inner, c.conv_dim, c.nheads], dim=-1)
 
-    def _dt(self, dt: Tensor) -> Tensor:
-        dt = F.softplus(dt.to(torch.promote_types(dt.dtype, torch.float32)) + self.dt_bias)
-        lo, hi = self.config.dt_limit
-        return dt if (lo, hi) == (0.0, math.inf) else dt.clamp(lo, hi)
-
     def _split_xbc(self, xBC: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         c = self.config
         gn = c.ngroups * c.d_state
@@ -101,7 +94,7 @@ class Mamba2Mixer(nn.Module):
         ssm_in = cache.ssm[self.layer_idx] if resume else None
         xBC, conv_state = k.causal_conv(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_in)
         x, B, C = self._split_xbc(xBC)
-        dt = self._dt(dt)
+        dt = discretize_dt(dt, self.dt_bias, c.dt_limit)
         if mask is not None:
             dt = dt * mask[..., None].to(dt.dtype)
         A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))

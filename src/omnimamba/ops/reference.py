@@ -121,6 +121,15 @@ def ssd_step(
     return y.to(x.dtype)
 
 
+def discretize_dt(dt: Tensor, dt_bias: Tensor | None, dt_limit: tuple[float, float] = (0.0, math.inf)) -> Tensor:
+    """Mamba-2's step size from in_proj's raw output: clamp(softplus(dt + dt_bias), *dt_limit), in float32 or
+    wider."""
+    cdt = _compute_dtype(dt.dtype)
+    dt = dt.to(cdt) if dt_bias is None else dt.to(cdt) + dt_bias.to(cdt)
+    dt = F.softplus(dt)
+    return dt if tuple(dt_limit) == (0.0, math.inf) else dt.clamp(*dt_limit)
+
+
 def ssd_decode(
     state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
     dt_bias: Tensor | None = None, dt_limit: tuple[float, float] = (0.0, math.inf),
@@ -129,12 +138,7 @@ def ssd_decode(
     dt = clamp(softplus(dt + dt_bias), *dt_limit), A = -exp(A_log); then `ssd_step` (state updated in place).
     """
     cdt = _compute_dtype(state.dtype)
-    dt = dt.to(cdt)
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(cdt)
-    dt = F.softplus(dt)
-    if tuple(dt_limit) != (0.0, math.inf):
-        dt = dt.clamp(*dt_limit)
+    dt = discretize_dt(dt.to(cdt), dt_bias, dt_limit)
     return ssd_step(state, x, dt, -torch.exp(A_log.to(cdt)), B, C, D)
 
 
