@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from importlib import metadata
 from pathlib import Path
@@ -56,6 +57,19 @@ def copy_bandwidth(gib: float = 2.0, repeat: int = 20) -> float:
 def sync_time() -> float:
     torch.cuda.synchronize()
     return time.perf_counter()
+
+
+def median_seconds(fn, repeat: int, warmup: int = 1) -> tuple[float, object]:
+    """Median wall seconds of `repeat` synchronised calls after `warmup` untimed ones (kernel compilation,
+    graph capture); returns it with the last call's result."""
+    for _ in range(warmup):
+        fn()
+    times, out = [], None
+    for _ in range(repeat):
+        t0 = sync_time()
+        out = fn()
+        times.append(sync_time() - t0)
+    return statistics.median(times), out
 
 
 def gib(nbytes: int | float) -> float:

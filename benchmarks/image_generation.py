@@ -19,7 +19,6 @@ Greedy decoding (the same cost as sampling) keeps a conditional row and its unco
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
@@ -28,16 +27,6 @@ from mmu_long_generation import build_omnimamba
 
 COLUMNS = ["system", "images", "seconds", "images_per_s", "codes_seconds", "ms_per_step", "roofline_ms_per_step",
            "peak_GiB", "note"]
-
-
-def median_seconds(fn, repeat: int) -> tuple[float, object]:
-    fn()  # warm-up: kernel compilation, graph capture
-    times, out = [], None
-    for _ in range(repeat):
-        t0 = gc.sync_time()
-        out = fn()
-        times.append(gc.sync_time() - t0)
-    return statistics.median(times), out
 
 
 class GuidanceMix:
@@ -104,8 +93,8 @@ def main() -> None:
                 return model.vq.decode(codes_only(graph))
 
             def measure(graph=graph):
-                codes_s, codes = median_seconds(codes_only, args.repeat)
-                total_s, pixels = median_seconds(images, args.repeat)
+                codes_s, codes = gc.median_seconds(codes_only, args.repeat)
+                total_s, pixels = gc.median_seconds(images, args.repeat)
                 assert codes.shape == (n, tokens) and pixels.shape[0] == n
                 return {"seconds": total_s, "images_per_s": n / total_s, "codes_seconds": codes_s,
                         "ms_per_step": 1e3 * codes_s / tokens}
@@ -137,7 +126,7 @@ def main() -> None:
                 continue
 
             def measure(static=static):
-                seconds, out = median_seconds(lambda: generate(static), args.repeat)
+                seconds, out = gc.median_seconds(lambda: generate(static), args.repeat)
                 made = out.size(1) - ids.size(1)
                 if out.size(0) != 2 * n or made != tokens:
                     raise RuntimeError(f"generate returned {tuple(out.shape)}, not {2 * n} rows of {tokens} codes")

@@ -16,7 +16,6 @@ frozen DINOv2 + SigLIP forward. Tokens counted: every sequence position through 
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
@@ -28,17 +27,6 @@ from omnimamba.training.stages import apply_freeze_plan
 
 COLUMNS = ["system", "mmu_batch", "t2i_batch", "tokens_per_step", "step_s", "tokens_per_s", "peak_GiB", "note"]
 TEXT = 128
-
-
-def timed_steps(step, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = gc.sync_time()
-        step()
-        times.append(gc.sync_time() - t0)
-    return statistics.median(times)
 
 
 def omnimamba_step_fn(model, bm: int, bt: int):
@@ -108,7 +96,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 step, tokens = build(bm, bt)
-                seconds = timed_steps(step, args.warmup, args.steps)
+                seconds, _ = gc.median_seconds(step, args.steps, warmup=args.warmup)
                 row.update(tokens_per_step=tokens, step_s=seconds, tokens_per_s=tokens / seconds,
                            peak_GiB=gc.gib(torch.cuda.max_memory_allocated()))
             except torch.OutOfMemoryError:
