@@ -70,3 +70,19 @@ def test_quickstart_config_equals_the_shipped_yaml():
 
     shipped = load_train_config(Path(__file__).parent.parent / "configs" / "shapes-tiny.yaml")
     assert shipped == config_from_dict(QUICKSTART)
+
+
+def test_model_overrides_reach_the_sub_configs():
+    from omnimamba.training.loop import _preset_with
+
+    cfg = _preset_with("shapes-tiny", {"backbone": {"d_model": 96, "n_layer": 3}, "vq": {"codebook_size": 256},
+                                       "understanding": {"spatial_merge": 2}, "caption_dropout": 0.2})
+    assert (cfg.backbone.d_model, cfg.backbone.n_layer, cfg.vq.codebook_size) == (96, 3, 256)
+    assert cfg.understanding.spatial_merge == 2 and cfg.caption_dropout == 0.2
+    assert cfg.backbone.vocab_size == _preset_with("shapes-tiny", {}).backbone.vocab_size  # untouched fields stay
+    with pytest.raises(UserError, match=r"model.overrides.backbone: unknown field\(s\) \['width'\]"):
+        _preset_with("shapes-tiny", {"backbone": {"width": 3}})
+    with pytest.raises(UserError, match=r"model.overrides: unknown field\(s\) \['nope'\]"):
+        _preset_with("shapes-tiny", {"nope": 1})
+    with pytest.raises(UserError, match="model.overrides.vq"):
+        _preset_with("shapes-tiny", {"vq": {"codebook_size": -1}})

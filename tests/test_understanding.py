@@ -71,3 +71,20 @@ def test_errors_name_the_problem():
         UnderstandingConfig(kind="resnet")
     with pytest.raises(UserError, match="one path"):
         UnderstandingConfig(backbones=PAIR, weights=("a",))
+
+
+def test_spatial_merge_concatenates_each_block_of_neighbouring_patches():
+    from omnimamba.vision.understanding import merge_patches
+
+    g, c = 4, 3
+    feats = torch.arange(g * g * c, dtype=torch.float32).reshape(1, g * g, c)  # patch p holds p*c .. p*c+2
+    merged = merge_patches(feats, 2)
+    assert merged.shape == (1, 4, 4 * c)
+    # merged patch 1 is the top-right 2x2 block: patches (0,2), (0,3), (1,2), (1,3) = 2, 3, 6, 7
+    expect = torch.cat([feats[0, p] for p in (2, 3, 6, 7)])
+    assert torch.equal(merged[0, 1], expect)
+    assert torch.equal(merge_patches(feats, 1), feats)
+    with pytest.raises(UserError, match="spatial_merge 3"):
+        merge_patches(feats, 3)
+    with pytest.raises(UserError, match="spatial_merge must be >= 1"):
+        UnderstandingConfig(spatial_merge=0)

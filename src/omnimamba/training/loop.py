@@ -230,7 +230,7 @@ class Trainer:
             logs[f"{task}_loss"] = loss.item() / self.world_size
         tokens = 0  # sequence positions processed, image features included
         if mb is not None:
-            tokens += mb.text_ids.numel() + mb.text_ids.size(0) * (self.model.understanding.num_patches + 4)
+            tokens += mb.text_ids.numel() + mb.text_ids.size(0) * (self.model.image_positions + 4)
         if bt is not None:
             tokens += bt.prefix_ids.numel() + bt.image_codes.numel() + bt.image_codes.size(0)
         return total, logs, tokens
@@ -395,14 +395,32 @@ class Trainer:
 
 
 def _preset_with(name: str, overrides: dict):
-    known = {"text_base_vocab_size", "max_caption_tokens", "caption_dropout", "task_lora", "lora_rank",
-             "lora_alpha", "lora_dropout", "decoupled_vocab"}
+    """A preset with `model.overrides` applied: OmniMambaConfig fields, and the sub-configs `backbone`, `vq`
+    and `understanding` as mappings of their own fields (e.g. {backbone: {d_model: 256, n_layer: 8}})."""
+    import dataclasses
+
+    from ..model import OmniMambaConfig, shapes_tiny_config
+
+    overrides = dict(overrides)
+    subs = {key: overrides.pop(key) for key in ("backbone", "vq", "understanding") if key in overrides}
+    known = {f.name for f in dataclasses.fields(OmniMambaConfig)} - {"backbone", "vq", "understanding"}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise UserError(f"model.overrides: unknown field(s) {unknown}; known: {sorted(known)}")
+        raise UserError(f"model.overrides: unknown field(s) {unknown}; known: {sorted(known | set(('backbone', 'vq', 'understanding')))}")
     if name == "shapes-tiny":
-        from ..model import shapes_tiny_config
-
         cfg = shapes_tiny_config(overrides.pop("text_base_vocab_size", None))
-        return cfg.replace(**overrides) if overrides else cfg
-    return preset(name, **overrides)
+    else:
+        cfg = preset(name)
+    for key, fields in subs.items():
+        if not isinstance(fields, dict):
+            raise UserError(f"model.overrides.{key}: expected a mapping of its fields, got {fields!r}")
+        part = getattr(cfg, key)
+        names = {f.name for f in dataclasses.fields(part)}
+        bad = sorted(set(fields) - names)
+        if bad:
+            raise UserError(f"model.overrides.{key}: unknown field(s) {bad}; known: {sorted(names)}")
+        try:
+            cfg = cfg.replace(**{key: dataclasses.replace(part, **fields)})
+        except (TypeError, ValueError) as e:
+            raise UserError(f"model.overrides.{key}: {e}") from e
+    return cfg.replace(**overrides) if overrides else cfg

@@ -38,6 +38,9 @@ class UnderstandingConfig:
     image_size: int = 384
     tiny_width: int = 128
     tiny_patch: int = 8
+    # Concatenate the features of each spatial_merge x spatial_merge block of patches before the projector
+    # (Qwen2-VL's patch merger): a sequence spatial_merge^2 times shorter that keeps every feature.
+    spatial_merge: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backbones", tuple(self.backbones))
@@ -51,6 +54,8 @@ class UnderstandingConfig:
                             f"{len(self.backbones)} backbones; give one path (or null) per backbone")
         if self.image_size <= 0:
             raise UserError(f"UnderstandingConfig.image_size must be positive, got {self.image_size}")
+        if self.spatial_merge < 1:
+            raise UserError(f"UnderstandingConfig.spatial_merge must be >= 1, got {self.spatial_merge}")
 
     def replace(self, **changes) -> "UnderstandingConfig":
         return dataclasses.replace(self, **changes)
@@ -167,6 +172,19 @@ class VQEncoderFeatures(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         check_images(images, self.config.image_size, "the understanding encoder")
         return self.encoder(images * 2 - 1).flatten(2).transpose(1, 2)
+
+
+def merge_patches(features: Tensor, k: int) -> Tensor:
+    """(b, g*g, c) patch features in raster order -> (b, (g/k)^2, c*k*k): each k x k block of neighbouring
+    patches becomes one, its features concatenated (row by row within the block)."""
+    if k == 1:
+        return features
+    b, n, c = features.shape
+    g = math.isqrt(n)
+    if g * g != n or g % k:
+        raise UserError(f"spatial_merge {k} needs a square grid of patches whose side it divides; got {n} patches")
+    x = features.reshape(b, g // k, k, g // k, k, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (g // k) ** 2, k * k * c)
 
 
 def build_understanding_encoder(config: UnderstandingConfig, vq_config=None) -> nn.Module:

@@ -1,0 +1,119 @@
+"""OmniMamba's configuration and the named presets (the paper's 1.3B model, its ablation model, the
+embedded default)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+from ..mamba2 import Mamba2Config
+from ..mamba2 import preset as mamba2_preset
+from ..sequence import SpecialIds
+from ..vision.understanding import UnderstandingConfig
+from ..vision.vq import VQConfig
+
+
+@dataclass(frozen=True)
+class OmniMambaConfig:
+    backbone: Mamba2Config = field(default_factory=lambda: mamba2_preset("mamba2-1.3b", vocab_size=50283))
+    understanding: UnderstandingConfig = field(default_factory=UnderstandingConfig)
+    vq: VQConfig = field(default_factory=VQConfig.vq16)
+    # Base text vocabulary (tokenizer without OmniMamba's six special tokens, which follow it).
+    text_base_vocab_size: int = 50277
+    max_caption_tokens: int = 68   # 68 + 5 specials = the official release's 73 caption positions
+    caption_dropout: float = 0.1   # rate at which training replaces a caption by the null caption (CFG)
+    task_lora: bool = True
+    lora_rank: int = 8
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    decoupled_vocab: bool = True
+
+    def __post_init__(self) -> None:
+        need = self.text_vocab_size + (0 if self.decoupled_vocab else self.vq.codebook_size)
+        if not self.decoupled_vocab and self.backbone.vocab_size < need:
+            # Unified-vocabulary ablation: the codebook is appended to the text vocabulary.
+            object.__setattr__(self, "backbone", self.backbone.replace(vocab_size=need))
+        if self.backbone.padded_vocab_size < need:
+            raise UserError(f"OmniMambaConfig: the backbone's embedding has {self.backbone.padded_vocab_size} "
+                            f"rows but the vocabulary needs {need}; raise backbone.vocab_size")
+        if self.lora_rank < 1 and self.task_lora:
+            raise UserError(f"OmniMambaConfig.lora_rank must be >= 1, got {self.lora_rank}")
+        if not 0 <= self.caption_dropout < 1:
+            raise UserError(f"OmniMambaConfig.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.max_caption_tokens < 1:
+            raise UserError(f"OmniMambaConfig.max_caption_tokens must be >= 1, got {self.max_caption_tokens}")
+
+    @property
+    def text_vocab_size(self) -> int:
+        return self.text_base_vocab_size + 6
+
+    @property
+    def special(self) -> SpecialIds:
+        return SpecialIds.after(self.text_base_vocab_size)
+
+    @property
+    def image_tokens(self) -> int:
+        return self.vq.num_tokens
+
+    @property
+    def t2i_length(self) -> int:
+        """Longest T2I sequence: [T2I][SOT]{caption}[EOT][SOI]{codes}[EOI]."""
+        return 5 + self.max_caption_tokens + self.image_tokens
+
+    def replace(self, **changes) -> "OmniMambaConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "OmniMambaConfig":
+        raw = dict(raw)
+        try:
+            parts = {
+                "backbone": Mamba2Config(**raw.pop("backbone")),
+                "understanding": UnderstandingConfig(**raw.pop("understanding")),
+                "vq": VQConfig(**raw.pop("vq")),
+            }
+            return cls(**parts, **raw)
+        except (KeyError, TypeError) as e:
+            raise UserError(f"not an OmniMamba config: {e}") from e
+
+
+def shapes_tiny_config(text_base_vocab_size: int | None = None) -> OmniMambaConfig:
+    """The embedded default: trains end to end on a CPU in minutes (see `omnimamba quickstart`)."""
+    if text_base_vocab_size is None:
+        from ..tokenizer import TextTokenizer
+
+        text_base_vocab_size = TextTokenizer.shapes().base_vocab_size
+    vocab = text_base_vocab_size + 6
+    return OmniMambaConfig(
+        backbone=Mamba2Config(d_model=128, n_layer=4, vocab_size=vocab, pad_vocab_size_multiple=8, d_state=32,
+                              headdim=32, chunk_size=64, tie_embeddings=True),
+        understanding=UnderstandingConfig(kind="vq-encoder", image_size=64),
+        vq=VQConfig.tiny(),
+        text_base_vocab_size=text_base_vocab_size,
+        max_caption_tokens=24,
+        lora_dropout=0.0,
+    )
+
+
+PRESETS = {
+    # The paper: Mamba-2-1.3B, DINOv2 + SigLIP at 384 px, LlamaGen VQ-16 at 256 px (256 image tokens).
+    "omnimamba-1.3b": lambda: OmniMambaConfig(),
+    # The paper's ablations (section 4.6): Mamba-2-370M, CLIP at 224 px.
+    "omnimamba-370m-ablation": lambda: OmniMambaConfig(
+        backbone=mamba2_preset("mamba2-370m", vocab_size=50283),
+        understanding=UnderstandingConfig(backbones=("vit_large_patch14_clip_224.openai",), image_size=224),
+    ),
+    "shapes-tiny": shapes_tiny_config,
+}
+
+
+def preset(name: str, **overrides) -> OmniMambaConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown OmniMamba preset {name!r}; known presets: {sorted(PRESETS)}")
+    cfg = PRESETS[name]()
+    return cfg.replace(**overrides) if overrides else cfg
+

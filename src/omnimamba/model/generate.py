@@ -1,0 +1,198 @@
+"""Generation for OmniMamba: one prefill, then a recurrent decode step per token (CUDA-graphed on GPU), for
+text answers (MMU) and image codes with classifier-free guidance (T2I)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from ..decoding import StepRunner, graphs_enabled
+from ..errors import UserError
+from ..generation import check_sampling_args, make_generator, sample_next_token
+from ..lora import TaskLoRALinear
+
+
+class GenerationMixin:
+    """Decoding methods of `OmniMamba` (kept apart from its training forward, as mamba_ssm keeps its
+    generation in utils/generation.py)."""
+
+    # Generation runs each route's in_proj as one GEMM on a merged copy W + dW (one per route, made on first
+    # use and refreshed when a generation starts): the unmerged LoRA costs two extra small GEMMs per layer
+    # and step, about a fifth of a decode step at batch 1. Set False to save the copies' memory.
+    decode_with_merged_lora: bool = True
+    # dtype of the SSM state while generating: None is float32. torch.bfloat16 (what mamba_ssm uses for bf16
+    # models) halves the state's memory traffic, most of a step at batch 32 (16 images with guidance).
+    decode_state_dtype: torch.dtype | None = None
+
+    @contextmanager
+    def _decoder(self, kind: str, batch_size: int, device: torch.device, use_cuda_graph: bool | None):
+        """For one generation: the route's merged weights active, and a step runner held (see _step_runner)."""
+        with self._merged_route(self._route("mmu" if kind == "text" else "t2i")):
+            runner = self._step_runner(kind, batch_size, device, use_cuda_graph)
+            runner.in_use = True
+            try:
+                yield runner
+            finally:
+                runner.in_use = False
+
+    @contextmanager
+    def _merged_route(self, route: str | None):
+        layers = [layer.mixer.in_proj for layer in self.backbone.layers
+                  if isinstance(layer.mixer.in_proj, TaskLoRALinear)]
+        if route is None or not layers or not self.decode_with_merged_lora or layers[0].merged_task is not None:
+            yield
+            return
+        if not self._decode_routes.get(route):
+            for layer in layers:
+                layer.refresh_decode_weight(route)
+                layer.decode_active.add(route)
+        self._decode_routes[route] = self._decode_routes.get(route, 0) + 1
+        try:
+            yield
+        finally:
+            self._decode_routes[route] -= 1
+            if not self._decode_routes[route]:
+                for layer in layers:
+                    layer.decode_active.discard(route)
+
+    def _step_runner(self, kind: str, batch_size: int, device: torch.device, use_cuda_graph: bool | None
+                     ) -> StepRunner:
+        """The decode step of `kind` ('text': token -> hidden; 'image': (code, position) -> hidden) over a
+        cache of `batch_size` rows. Graphed runners are kept and reused (capture once per batch size and
+        task); an eager one, or a graphed one already in use by another generation, gets a fresh cache."""
+        route = self._route("mmu" if kind == "text" else "t2i")
+        graph = graphs_enabled(use_cuda_graph, self, device)
+
+        def build(use_graph: bool) -> StepRunner:
+            cache = self.allocate_cache(batch_size, device, ssm_dtype=self.decode_state_dtype)
+            zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
+            if kind == "text":
+                def fn(tokens):
+                    return self.backbone.step(self.backbone.embedding(tokens), cache, task=route)
+                return StepRunner(fn, cache, (zeros,), use_graph)
+
+            def fn(codes, positions):
+                emb = self.embed_image_codes(codes) + self.t2i_pos_embed[0][positions]
+                return self.backbone.step(emb, cache, task=route)
+            return StepRunner(fn, cache, (zeros, zeros), use_graph)
+
+        if graph:
+            w = self.lm_head.weight
+            key = (kind, batch_size, route, w.device, w.dtype, w.data_ptr(), self.decode_with_merged_lora,
+                   self.decode_state_dtype)
+            runner = self._runners.get(key, lambda: build(True))
+            if not runner.in_use:
+                runner.cache.reset()
+                return runner
+        return build(False)
+
+    @torch.no_grad()
+    def generate_text(self, pixel_values: Tensor, prompt_ids: Tensor, prompt_mask: Tensor | None = None,
+                      max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                      seed: int | None = None, stream: bool = False, stop_at_eot: bool = True,
+                      use_cuda_graph: bool | None = None):
+        """MMU: answer tokens (b, new) after [MMU][SOI]{image}[EOI][SOT]{prompt}; stops at [EOT] (unless
+        stop_at_eot=False, which generates max_new_tokens whatever comes, for benchmarks).
+
+        prompt_ids (b, T) left-padded with prompt_mask. With stream=True, yields each step's tokens (b,).
+        use_cuda_graph: replay each decode step as a CUDA graph; None means on for CUDA models in eval mode.
+        """
+        gen = self._generate_text(pixel_values, prompt_ids, prompt_mask, max_new_tokens, temperature, top_k,
+                                  top_p, seed, stop_at_eot, use_cuda_graph)
+        if stream:
+            return gen
+        steps = list(gen)
+        return torch.stack(steps, 1) if steps else prompt_ids.new_zeros(prompt_ids.size(0), 0)
+
+    @torch.no_grad()
+    def _generate_text(self, pixel_values, prompt_ids, prompt_mask, max_new_tokens, temperature, top_k, top_p,
+                       seed, stop_at_eot, use_cuda_graph):
+        check_sampling_args(temperature, top_k, top_p)
+        self._check_text_ids(prompt_ids)
+        b, T = prompt_ids.shape
+        if prompt_mask is None:
+            prompt_mask = torch.ones_like(prompt_ids)
+        x = self.mmu_embeddings(pixel_values, prompt_ids)
+        n_img = x.size(1) - T
+        # A prompt's left padding falls between the image and the text: move it to the front, where the
+        # mask makes it leave the state exactly as if it were not there.
+        mask = torch.cat([torch.ones(b, n_img, dtype=prompt_mask.dtype, device=x.device), prompt_mask], 1)
+        mask, x = self._move_padding_left(mask, x)
+        device = x.device
+        with self._decoder("text", b, device, use_cuda_graph) as runner:
+            hidden = self.backbone(x, cache=runner.cache, mask=mask, task=self._route("mmu"))[:, -1].clone()
+            del x, mask  # nothing as long as the prompt outlives the prefill: decoding memory stays constant
+            generator = make_generator(seed, device)
+            finished = torch.zeros(b, dtype=torch.bool, device=device)
+            eot = self.special.eot
+            for i in range(max_new_tokens):
+                logits = self.text_logits(hidden).float().clone()
+                eot_logit = logits[:, eot].clone()
+                logits[:, self.config.text_base_vocab_size:] = float("-inf")  # no special token but [EOT]
+                logits[:, eot] = eot_logit
+                token = sample_next_token(logits, temperature, top_k, top_p, generator)
+                if stop_at_eot:
+                    token = token.masked_fill(finished, eot)
+                    finished |= token == eot
+                yield token
+                if stop_at_eot and bool(finished.all()):
+                    return
+                if i < max_new_tokens - 1:
+                    hidden = runner(token)
+
+    @staticmethod
+    def _move_padding_left(mask: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Reorder each row so its padded positions come first (the state then ignores them exactly)."""
+        order = torch.sort(mask, dim=1, stable=True).indices  # zeros (padding) first, order kept
+        return mask.gather(1, order), x.gather(1, order[..., None].expand_as(x))
+
+    @torch.no_grad()
+    def generate_image_codes(self, prefix_ids: Tensor, prefix_mask: Tensor, caption_mask: Tensor,
+                             guidance_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0,
+                             top_p: float = 1.0, seed: int | None = None, progress=None,
+                             use_cuda_graph: bool | None = None) -> Tensor:
+        """T2I: image codes (b, N) for left-padded prefixes [T2I][SOT]{caption}[EOT][SOI].
+
+        guidance_scale s: 1 samples from the conditional logits alone; any other s >= 0 runs conditional and
+        null-caption rows in one batch and mixes their logits as uncond + s * (cond - uncond).
+        use_cuda_graph: replay each decode step as a CUDA graph; None means on for CUDA models in eval mode.
+        """
+        check_sampling_args(temperature, top_k, top_p)
+        if guidance_scale < 0:
+            raise UserError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        self._check_text_ids(prefix_ids)
+        b = prefix_ids.size(0)
+        cfg = guidance_scale != 1.0
+        if cfg:
+            prefix_ids, prefix_mask, caption_mask = (torch.cat([t, t]) for t in (prefix_ids, prefix_mask,
+                                                                                  caption_mask))
+            drop = torch.arange(2 * b, device=prefix_ids.device) >= b
+        else:
+            drop = None
+        N = self.config.image_tokens
+        self._t2i_positions(prefix_mask, N - 1, 1)  # checks, once, that the last position exists
+        start = prefix_mask.long().sum(1)
+        with self._decoder("image", prefix_ids.size(0), prefix_ids.device, use_cuda_graph) as runner:
+            x = self.t2i_prefix_embeddings(prefix_ids, prefix_mask, caption_mask, drop)
+            hidden = self.backbone(x, cache=runner.cache, mask=prefix_mask, task=self._route("t2i"))[:, -1].clone()
+            del x
+            generator = make_generator(seed, prefix_ids.device)
+            codes = []
+            steps = range(N) if progress is None else progress(range(N))
+            for i in steps:
+                logits = self.image_logits(hidden).float()
+                if cfg:
+                    logits = cfg_logits(logits[:b], logits[b:], guidance_scale)
+                token = sample_next_token(logits, temperature, top_k, top_p, generator)
+                codes.append(token)
+                if i == N - 1:
+                    break
+                hidden = runner(torch.cat([token, token]) if cfg else token, start + i)
+        return torch.stack(codes, 1)
+
+
+def cfg_logits(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance as in LlamaGen / Show-o: uncond + s * (cond - uncond)."""
+    return uncond + scale * (cond - uncond)
