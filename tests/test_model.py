@@ -145,6 +145,39 @@ def test_guidance_mixes_conditional_and_null_caption_rows():
         model.generate_image_codes(tb.prefix_ids, tb.prefix_mask, tb.caption_mask, guidance_scale=-1)
 
 
+def test_guided_decoding_equals_guidance_over_the_training_forward():
+    # The whole guidance path (null caption, positions, both rows in one batch) against the teacher-forced
+    # training forward: greedy guided codes are the argmax of the guided logits of the codes before them.
+    model = make_model().eval()
+    with torch.no_grad():
+        model.caption_embed.null_caption.normal_()
+    tb = t2i_batch()
+    codes = model.generate_image_codes(tb.prefix_ids, tb.prefix_mask, tb.caption_mask, guidance_scale=3.0,
+                                       temperature=0.0)
+    forced = T2IBatch(tb.prefix_ids, tb.prefix_mask, tb.caption_mask, codes)
+    with torch.no_grad():
+        cond, _ = model.forward_t2i(forced, drop=torch.zeros(2, dtype=torch.bool))
+        uncond, _ = model.forward_t2i(forced, drop=torch.ones(2, dtype=torch.bool))
+    assert torch.equal(cfg_logits(cond, uncond, 3.0).argmax(-1), codes)
+
+
+def test_image_code_positions_do_not_depend_on_the_caption():
+    # The official release's layout: captions right-aligned in max_caption_tokens slots, so code j is always
+    # at the same position (its place in the image grid), whatever the caption's length.
+    model = make_model()
+    prefixes = [t2i_prefix(TOK, c, 24) for c in ("a red circle", "two blue squares left of a green triangle")]
+    ids, mask = pad_left([p[0] for p in prefixes], TOK.special.eot)
+    table = model.t2i_pos_embed[0]
+    prefix = model._t2i_positions(mask, 0)
+    start = model.t2i_image_start
+    assert start == 4 + 24
+    for row, (p_ids, _) in enumerate(prefixes):
+        first = ids.size(1) - len(p_ids)
+        assert torch.equal(prefix[row, first], table[0]) and torch.equal(prefix[row, first + 1], table[1])
+        assert torch.equal(prefix[row, -1], table[start - 1]) and torch.equal(prefix[row, -2], table[start - 2])
+    torch.testing.assert_close(model._t2i_positions(mask, 3, 2), table[start + 3:start + 5])
+
+
 def test_save_and_load_round_trip(tmp_path):
     model = make_model().eval()
     with torch.no_grad():

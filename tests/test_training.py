@@ -136,6 +136,28 @@ def test_cli_train_lowers_the_loss_and_writes_everything(tmp_path, capsys):
         assert (tmp_path / "eval" / f"{stage}-{ {'stage1-mmu': 12, 'stage1-t2i': 12, 'stage2-unified': 4}[stage]:07d}.png").is_file()
     assert (tmp_path / "vq" / "model.safetensors").is_file()
     assert "trainable" in capsys.readouterr().out
+    vq = [r for r in rows if r.get("stage") == "vq-tokenizer"]
+    assert [r["step"] for r in vq] == [0, 1, 2, 3, 4] and all(r["recon_loss"] > 0 for r in vq)
+    evals = [r for r in rows if "eval_t2i" in r]
+    assert len(evals) == 3 and all(r["eval_t2i_unguided"] is not None for r in evals)
+    assert main(["plot", str(tmp_path)]) == 0
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_plot_reads_a_resumed_run_and_names_a_missing_file(tmp_path, capsys):
+    from omnimamba.evaluation.curves import read_metrics, stage_offsets
+
+    rows = [{"stage": "vq-tokenizer", "step": 0, "recon_loss": 1.0},
+            {"stage": "stage1-mmu", "step": 0, "mmu_loss": 3.0}, {"stage": "stage1-mmu", "step": 9, "mmu_loss": 2.0},
+            {"stage": "stage2-unified", "step": 0, "mmu_loss": 1.5, "t2i_loss": 6.0},
+            {"stage": "stage2-unified", "step": 0, "mmu_loss": 1.4, "t2i_loss": 5.9},  # after a resume
+            {"stage": "stage2-unified", "step": 0, "eval_mmu": 0.5, "eval_t2i": 0.1}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    recs = read_metrics(tmp_path)
+    assert len(recs) == 5 and [r["mmu_loss"] for r in recs if r["stage"] == "stage2-unified" and "mmu_loss" in r] == [1.4]
+    assert stage_offsets(recs) == {"vq-tokenizer": 0, "stage1-mmu": 0, "stage2-unified": 10}
+    assert main(["plot", str(tmp_path / "nowhere")]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
 
 
 def test_cli_rejects_bad_config_before_work(tmp_path, capsys):
@@ -175,3 +197,23 @@ def test_quickstart_end_to_end_writes_its_report(tmp_path, capsys):
     assert report["baselines"]["t2i_ground_truth"]["overall"] >= 0.99
     assert (tmp_path / "quickstart.png").stat().st_size > 0
     assert "chance baselines" in capsys.readouterr().out
+
+
+def test_multi_turn_mmu_examples_draw_distinct_questions_of_their_image():
+    from omnimamba.data.shapes import ShapesWorld
+    from omnimamba.training.data import ShapesMMU
+
+    world = ShapesWorld(seed=0)
+    single, multi = ShapesMMU(world, 50, seed=3), ShapesMMU(world, 50, seed=3, max_turns=4)
+    counts = set()
+    for i in range(40):
+        image, turns = multi.example(i)
+        sample = world.sample("train", i % 50)
+        assert (image == sample.image).all() and 1 <= len(turns) <= 4
+        # distinct questions of the list (two POPE negatives can name the same absent object: equal text)
+        pool = [(q.question, q.answer) for q in sample.questions]
+        assert all(turns.count(t) <= pool.count(t) for t in turns)
+        assert multi.example(i)[1] == turns  # deterministic per index
+        assert len(single.example(i)[1]) == 1
+        counts.add(len(turns))
+    assert counts == {1, 2, 3, 4}

@@ -180,6 +180,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .evaluation.curves import plot_run
+
+    print(f"wrote {plot_run(args.run, args.out, smoothing=args.smoothing)}")
+    return 0
+
+
+def cmd_guidance(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .data.shapes import ShapesConfig, ShapesWorld
+    from .evaluation.shapes_eval import guidance_sweep
+
+    model = _load_model(args)
+    world = ShapesWorld(ShapesConfig(image_size=model.config.understanding.image_size), seed=args.world_seed)
+    print(f"{args.split} split, {args.n_prompts} prompts, temperature {args.temperature:g}, top-k {args.top_k}")
+    result = guidance_sweep(model, model.tokenizer, world, args.split, args.n_prompts, tuple(args.scales),
+                            tuple(range(args.seed, args.seed + args.seeds)), args.temperature, args.top_k)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"split": args.split, "n_prompts": args.n_prompts,
+                                              "temperature": args.temperature, "top_k": args.top_k,
+                                              "scales": result}, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import backbone_demo
 
@@ -261,6 +289,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of run.out")
     p.add_argument("--stage", action="append", help="run only this stage (repeatable)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("guidance", help="T2I score against the guidance scale, over sampling seeds (Shapes)")
+    p.add_argument("--scales", type=_non_negative_float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 5.0],
+                   help="guidance scales to try, 1 = none (default: 1 1.5 2 3 5)")
+    p.add_argument("--seeds", type=_positive_int, default=3, help="sampling seeds per scale, from --seed on (default: 3)")
+    p.add_argument("--split", choices=("val", "test", "heldout"), default="val")
+    p.add_argument("--n-prompts", type=_positive_int, default=48, help="T2I prompts (default: 48)")
+    p.add_argument("--world-seed", type=int, default=0, help="Shapes world seed (default: 0)")
+    p.add_argument("--out", help="also write the table as JSON here")
+    _sampling_args(p, temperature=1.0)
+    p.set_defaults(func=cmd_guidance)
+
+    p = sub.add_parser("plot", help="training curves of a run (losses per task, validation scores) as a PNG")
+    p.add_argument("run", help="the run's directory (run.out), holding metrics.jsonl")
+    p.add_argument("--out", help="PNG to write (default: RUN/curves.png)")
+    p.add_argument("--smoothing", type=_positive_int, default=5,
+                   help="moving average over this many logged points (default: 5)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("demo", help="backbone only: a tiny Mamba-2 learns arithmetic progressions, decodes with the cache")
     p.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")

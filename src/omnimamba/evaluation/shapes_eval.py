@@ -50,3 +50,23 @@ def save_evaluation_picture(path: str | Path, generated: list, answered: list, w
     for i, q, gold, pred in picks:
         items.append((world.sample(split, i).image, f"Q: {q} A: {pred} (true: {gold})"))
     picture_grid(items, path, columns=4)
+
+
+def guidance_sweep(model, tokenizer, world, split: str = "val", n_prompts: int = 48,
+                   scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 5.0), seeds: tuple[int, ...] = (0, 1, 2),
+                   temperature: float = 1.0, top_k: int = 0, log=print) -> dict:
+    """T2I score for each guidance scale, over sampling seeds: how much classifier-free guidance adds, and
+    which scale to use. Returns {scale: {"mean", "std", "per_seed", per-category means}}."""
+    result = {}
+    for scale in scales:
+        runs = [evaluate_t2i(model, tokenizer, world, split, n_prompts, scale, temperature, top_k, seed)[0]
+                for seed in seeds]
+        overall = np.array([r["overall"] for r in runs])
+        row = {"mean": float(overall.mean()), "std": float(overall.std(ddof=1)) if len(runs) > 1 else 0.0,
+               "per_seed": overall.tolist()}
+        for cat in runs[0]:
+            if cat not in ("overall", "per_prompt", "n"):
+                row[cat] = float(np.mean([r[cat] for r in runs]))
+        result[str(scale)] = row
+        log(f"guidance {scale:>4g}: T2I {row['mean']:.1%} ± {row['std']:.1%} over seeds {list(seeds)}")
+    return result

@@ -143,14 +143,23 @@ class OmniMamba(GenerationMixin, CheckpointMixin, nn.Module):
         x = self.caption_embed(self.backbone.embedding(prefix_ids), caption_mask, drop)
         return x + self._t2i_positions(prefix_mask, 0)
 
+    @property
+    def t2i_image_start(self) -> int:
+        """Position of the first image code: [T2I][SOT], max_caption_tokens caption slots, [EOT][SOI]."""
+        return 4 + self.config.max_caption_tokens
+
     def _t2i_positions(self, prefix_mask: Tensor, offset: int, length: int | None = None) -> Tensor:
-        """Positional embeddings for left-padded rows: position 0 is each row's first real token."""
+        """Positional embeddings in the official release's fixed layout, whatever a caption's length: [T2I]
+        and [SOT] at 0 and 1, the caption right-aligned in its max_caption_tokens slots, [EOT][SOI] just
+        before image code j at t2i_image_start + j. Rows are left-padded (mask 0 on padding), so a code's
+        position, and so its place in the image grid, never depends on the caption.
+        length None: the prefix's own positions (b, P); else `length` image positions from code `offset`."""
         if length is None:
-            pos = prefix_mask.long().cumsum(1) - 1
+            k = prefix_mask.long().cumsum(1) - 1  # index of each real token within its row
+            shift = self.t2i_image_start - prefix_mask.long().sum(1, keepdim=True)
+            pos = torch.where(k < 2, k, k + shift).clamp(min=0)
         else:
-            start = prefix_mask.long().sum(1, keepdim=True)
-            pos = start + offset + torch.arange(length, device=prefix_mask.device)
-        pos = pos.clamp(min=0)
+            pos = self.t2i_image_start + offset + torch.arange(length, device=prefix_mask.device)
         if int(pos.max()) >= self.config.t2i_length:
             raise UserError(f"T2I sequence longer than the model's {self.config.t2i_length} positions")
         return self.t2i_pos_embed[0][pos]

@@ -173,7 +173,7 @@ class GenerationMixin:
             drop = None
         N = self.config.image_tokens
         self._t2i_positions(prefix_mask, N - 1, 1)  # checks, once, that the last position exists
-        start = prefix_mask.long().sum(1)
+        start = torch.full((prefix_ids.size(0),), self.t2i_image_start, device=prefix_ids.device)
         with self._decoder("image", prefix_ids.size(0), prefix_ids.device, use_cuda_graph) as runner:
             x = self.t2i_prefix_embeddings(prefix_ids, prefix_mask, caption_mask, drop)
             hidden = self.backbone(x, cache=runner.cache, mask=prefix_mask, task=self._route("t2i"))[:, -1].clone()

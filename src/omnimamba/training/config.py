@@ -84,6 +84,15 @@ class ShapesSection:
     image_size: int = 64
     train_images: int = 20_000
     textured_background: float = 0.3
+    # Questions per MMU sequence, drawn at random from 1 to this (LLaVA-style multi-turn): an image's
+    # features are read once for several answers; the first turn keeps the single-question format.
+    max_turns: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_turns < 1:
+            raise UserError(f"data.shapes.max_turns must be >= 1, got {self.max_turns}")
+        if self.train_images < 1:
+            raise UserError(f"data.shapes.train_images must be >= 1, got {self.train_images}")
 
 
 @dataclass(frozen=True)

@@ -26,16 +26,21 @@ log = logging.getLogger(__name__)
 
 # --- MMU ---------------------------------------------------------------------------------------------------
 class ShapesMMU:
-    """Example i: training image i mod n and one of its questions, drawn with a seeded generator."""
+    """Example i: training image i mod n and 1 to max_turns of its questions (distinct, in random order),
+    drawn with a seeded generator."""
 
-    def __init__(self, world: ShapesWorld, n_images: int, seed: int = 0):
-        self.world, self.n, self.seed = world, n_images, seed
+    def __init__(self, world: ShapesWorld, n_images: int, seed: int = 0, max_turns: int = 1):
+        self.world, self.n, self.seed, self.max_turns = world, n_images, seed, max_turns
 
     def example(self, index: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
         sample = self.world.sample("train", index % self.n)
         rng = np.random.default_rng([self.seed, 17, index])
-        q = sample.questions[int(rng.integers(len(sample.questions)))]
-        return sample.image, [(q.question, q.answer)]
+        if self.max_turns == 1:  # the single-question stream of earlier versions, draw for draw
+            picks = [int(rng.integers(len(sample.questions)))]
+        else:
+            turns = int(rng.integers(1, min(self.max_turns, len(sample.questions)) + 1))
+            picks = rng.permutation(len(sample.questions))[:turns].tolist()
+        return sample.image, [(sample.questions[k].question, sample.questions[k].answer) for k in picks]
 
 
 class FileMMU:

@@ -19,6 +19,7 @@ from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import StageConfig, TrainConfig
 from .data import (FileMMU, FileT2I, ShapesMMU, ShapesT2I, cached_codes, mmu_batch, shapes_world, t2i_batch)
 from .stages import apply_freeze_plan, freeze_summary
+from ..evaluation.curves import VQ_STAGE
 from .vq import load_vq, save_vq, train_vq
 
 NO_DECAY = ("A_log", "D", "dt_bias", "norm", "bias", "embed", "pos_embed", "null_caption")
@@ -114,7 +115,9 @@ class Trainer:
             n = self.cfg.data.shapes.train_images
             r = train_vq(self.model.vq, lambda i: self.world.sample("train", i).image, n, v.steps, v.lr, v.batch,
                          seed=self.cfg.run.seed, device=self.device, progress=self.cfg.run.progress,
-                         foreground_weight=v.foreground_weight)
+                         foreground_weight=v.foreground_weight,
+                         record=lambda step, rec: self._log_metrics({"stage": VQ_STAGE, "step": step, **rec}, 0),
+                         record_every=self.cfg.run.log_every)
             save_vq(self.model.vq, vq_dir)
             self.log(f"VQ tokenizer: {v.steps} steps, reconstruction loss {r['final_recon_loss']:.4f}, saved to {vq_dir}")
         if self.distributed:
@@ -135,7 +138,7 @@ class Trainer:
         if c.data.source == "shapes":
             n = c.data.shapes.train_images
             if needs_mmu:
-                self.mmu_source = ShapesMMU(self.world, n, c.run.seed)
+                self.mmu_source = ShapesMMU(self.world, n, c.run.seed, c.data.shapes.max_turns)
             if needs_t2i:
                 codes = self._codes(lambda i: self.world.sample("train", i).image, n, cache,
                                     f"shapes seed={c.data.shapes.seed} size={c.data.shapes.image_size}")
@@ -370,6 +373,9 @@ class Trainer:
         if self.t2i_source is not None and r.eval_prompts:
             result["t2i"], generated = evaluate_t2i(self.model, self.tokenizer, self.world, "val", r.eval_prompts,
                                                     r.eval_guidance, top_k=r.eval_top_k)
+            if r.eval_guidance != 1.0:  # what guidance adds, measured at every evaluation
+                result["t2i_unguided"], _ = evaluate_t2i(self.model, self.tokenizer, self.world, "val",
+                                                         r.eval_prompts, 1.0, top_k=r.eval_top_k)
         self.model.train()
         self.model.vq.eval()
         out = self.out / "eval"
@@ -381,9 +387,13 @@ class Trainer:
             msg.append(f"MMU accuracy {result['mmu']['accuracy']['overall']:.1%}")
         if "t2i" in result:
             msg.append(f"T2I score {result['t2i']['overall']:.1%}")
+        if "t2i_unguided" in result:
+            msg.append(f"(unguided {result['t2i_unguided']['overall']:.1%})")
         self.log(" ".join(msg))
-        self._log_metrics({"stage": stage, "step": step, "eval_mmu": result.get("mmu", {}).get("accuracy", {}).get("overall"),
-                           "eval_t2i": result.get("t2i", {}).get("overall")}, 0)
+        self._log_metrics({"stage": stage, "step": step,
+                           "eval_mmu": result.get("mmu", {}).get("accuracy", {}).get("overall"),
+                           "eval_t2i": result.get("t2i", {}).get("overall"),
+                           "eval_t2i_unguided": result.get("t2i_unguided", {}).get("overall")}, 0)
         return result
 
     def close(self) -> None:

@@ -27,7 +27,10 @@ def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, foreground_weight: f
 
 
 def train_vq(vq: VQModel, images_of, n_images: int, steps: int, lr: float, batch: int, seed: int = 0,
-             device="cpu", progress: bool = True, foreground_weight: float = 0.0) -> dict:
+             device="cpu", progress: bool = True, foreground_weight: float = 0.0,
+             record=None, record_every: int = 10) -> dict:
+    """Train `vq` on images_of(i), i < n_images. `record(step, {"recon_loss": ...})` is called every
+    `record_every` steps (the run's metrics)."""
     from tqdm import tqdm
 
     vq.to(device).train()
@@ -56,6 +59,8 @@ def train_vq(vq: VQModel, images_of, n_images: int, steps: int, lr: float, batch
             usage.zero_()
         history.append(recon.item())
         bar.set_postfix(recon=f"{recon.item():.4f}")
+        if record is not None and (step % record_every == 0 or step == steps - 1):
+            record(step, {"recon_loss": float(np.mean(history[-record_every:]))})
     vq.eval()
     vq.requires_grad_(False)
     return {"steps": steps, "final_recon_loss": float(np.mean(history[-20:])) if history else None}

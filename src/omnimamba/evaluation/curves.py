@@ -1,0 +1,110 @@
+"""Training curves of a run directory: `omnimamba plot RUN_DIR` reads the run's metrics.jsonl and draws the
+tokenizer's reconstruction loss, each task's training loss and the validation scores against steps, the
+stages laid end to end, into one PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of `run_dir/metrics.jsonl`; a resumed run's repeated steps keep their last record."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no metrics.jsonl (is it a training run's directory, run.out?)")
+    records: dict[tuple, dict] = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{n}: not a JSON record") from None
+        kind = "eval" if any(k.startswith("eval_") for k in rec) else "train"
+        records[(rec.get("stage"), rec.get("step"), kind)] = rec
+    return list(records.values())
+
+
+VQ_STAGE = "vq-tokenizer"  # the tokenizer's records: its own step axis
+
+
+def stage_offsets(records: list[dict]) -> dict[str, int]:
+    """Global step at which each model stage starts, stages in the order they first appear (the tokenizer's
+    steps are counted apart)."""
+    last: dict[str, int] = {}
+    for r in records:
+        last[r["stage"]] = max(last.get(r["stage"], 0), int(r["step"]) + 1)
+    offsets, total = {VQ_STAGE: 0}, 0
+    for stage, steps in last.items():
+        if stage != VQ_STAGE:
+            offsets[stage] = total
+            total += steps
+    return offsets
+
+
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average (window clipped at the start), for noisy per-step losses."""
+    if window <= 1 or len(values) < 2:
+        return values
+    c = np.cumsum(np.insert(values, 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(0, idx - window)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None, smoothing: int = 5) -> Path:
+    """Draw the run's curves; returns the PNG's path (default RUN_DIR/curves.png)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install 'omnimamba[plot]'") from None
+    records = read_metrics(run_dir)
+    offsets = stage_offsets(records)
+    out = Path(out) if out else Path(run_dir) / "curves.png"
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    ax_vq, ax_loss, ax_eval = axes
+
+    def series(key: str, stages=None):
+        rows = sorted((offsets[r["stage"]] + r["step"], r[key]) for r in records
+                      if r.get(key) is not None and (stages is None or r["stage"] in stages))
+        return (np.array([x for x, _ in rows]), np.array([y for _, y in rows], dtype=float)) if rows else None
+
+    vq = series("recon_loss", {VQ_STAGE})
+    if vq is not None:
+        ax_vq.plot(vq[0], smooth(vq[1], smoothing))
+        ax_vq.set_yscale("log")
+    ax_vq.set(title="VQ tokenizer: reconstruction loss", xlabel="step")
+    for key, label in (("mmu_loss", "MMU (answer tokens)"), ("t2i_loss", "T2I (image codes)")):
+        s = series(key)
+        if s is not None:
+            ax_loss.plot(s[0], smooth(s[1], smoothing), label=label)
+    ax_loss.set(title="training loss (cross-entropy per target token)", xlabel="step")
+    ax_loss.set_yscale("log")
+    for key, label in (("eval_mmu", "MMU accuracy (val)"), ("eval_t2i", "T2I score (val, guided)"),
+                       ("eval_t2i_unguided", "T2I score (val, unguided)")):
+        s = series(key)
+        if s is not None:
+            ax_eval.plot(s[0], s[1], marker="o", label=label)
+    ax_eval.set(title="validation scores", xlabel="step", ylim=(0, 1))
+    for ax in (ax_loss, ax_eval):
+        for stage, start in offsets.items():
+            if stage == VQ_STAGE:
+                continue
+            ax.axvline(start, color="0.8", lw=0.8)
+            ax.text(start, 1.0, f" {stage}", transform=ax.get_xaxis_transform(), fontsize=7, va="top",
+                    color="0.4")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(str(run_dir), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
