@@ -26,7 +26,7 @@ def mmu_batch(n=2):
 
 def t2i_batch():
     captions = ["a red circle", "two blue squares left of a green triangle"]
-    return T2IBatch.collate([t2i_prefix(TOK, c, 24) for c in captions], torch.randint(0, 512, (2, 64)),
+    return T2IBatch.collate([t2i_prefix(TOK, c, 24) for c in captions], torch.randint(0, 256, (2, 256)),
                             TOK.special)
 
 
@@ -38,9 +38,9 @@ def test_mixed_batch_forward_and_loss_backward():
                                                                    "t2i_loss"))
     torch.testing.assert_close(out["loss"], mmu_loss + t2i_loss)
     assert mmu_logits.shape == (2, mb.text_ids.size(1), model.config.text_vocab_size)
-    assert t2i_logits.shape == (2, 64, 512)
+    assert t2i_logits.shape == (2, 256, 256)
     # near chance at initialisation: log(vocab) for text, log(K) for codes
-    assert abs(t2i_loss.item() - torch.log(torch.tensor(512.0)).item()) < 1.5
+    assert abs(t2i_loss.item() - torch.log(torch.tensor(256.0)).item()) < 1.5
     (mmu_loss + t2i_loss).backward()
     lora = model.backbone.layers[0].mixer.in_proj
     assert lora.lora_A["mmu"].weight.grad is not None and lora.lora_A["t2i"].weight.grad is not None
@@ -74,7 +74,7 @@ def test_sampling_stays_in_its_modality(decoupled):
     for seed in range(3):
         codes = model.generate_image_codes(tb.prefix_ids, tb.prefix_mask, tb.caption_mask, temperature=1.5,
                                            seed=seed)
-        assert codes.shape == (2, 64) and int(codes.min()) >= 0 and int(codes.max()) < 512
+        assert codes.shape == (2, 256) and int(codes.min()) >= 0 and int(codes.max()) < 256
     prompts, mask = pad_left([TOK.encode("user: how many circles? assistant:"), TOK.encode("user: hi")],
                              TOK.special.eot)
     for seed in range(3):
@@ -206,7 +206,7 @@ def test_ablation_switches():
     assert not any(isinstance(l.mixer.in_proj, TaskLoRALinear) for l in no_lora.backbone.layers)
     unified = make_model(decoupled_vocab=False)
     assert not hasattr(unified, "image_head")
-    assert unified.backbone.embedding.num_embeddings >= unified.config.text_vocab_size + 512
+    assert unified.backbone.embedding.num_embeddings >= unified.config.text_vocab_size + 256
     _, loss = unified.task_forward(t2i_batch(), "t2i")
     assert torch.isfinite(loss)
 

@@ -179,7 +179,7 @@ def test_the_same_training_code_runs_on_real_formats(tmp_path):
     })
     trainer = Trainer(cfg, log=quiet)
     trainer.run()
-    assert trainer.t2i_source.codes.shape == (8, 64)  # one code row per image, shared by its 3 captions
+    assert trainer.t2i_source.codes.shape == (8, 256)  # one code row per image, shared by its 3 captions
     assert len(trainer.t2i_source.samples) == 24
     assert (tmp_path / "run" / "stage2-unified" / "model.safetensors").is_file()
 

@@ -38,14 +38,14 @@ def test_wrong_checkpoint_is_named(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_vq():
     torch.manual_seed(0)
-    return VQModel(VQConfig.tiny()).eval()
+    return VQModel(VQConfig.shapes()).eval()  # 16 x 16 codes from 256
 
 
 def test_tiny_round_trip_shapes(tiny_vq):
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     codes = tiny_vq.encode(images)
-    assert codes.shape == (2, 64) and codes.dtype == torch.long
-    assert 0 <= int(codes.min()) and int(codes.max()) < 512
+    assert codes.shape == (2, 256) and codes.dtype == torch.long
+    assert 0 <= int(codes.min()) and int(codes.max()) < 256
     with torch.no_grad():
         out = tiny_vq.decode(codes)
     assert out.shape == (2, 3, 64, 64)
@@ -55,7 +55,7 @@ def test_tiny_round_trip_shapes(tiny_vq):
 
 def test_codebook_vectors_quantise_to_themselves(tiny_vq):
     # The exact part of the round trip: a code's own (normalised) vector is its nearest neighbour.
-    codes = torch.randint(0, 512, (3, 8, 8))
+    codes = torch.randint(0, 256, (3, 16, 16))
     z = tiny_vq.quantize.lookup(codes)
     _, again, _ = tiny_vq.quantize(z)
     assert torch.equal(again, codes)
@@ -66,7 +66,27 @@ def test_bad_images_and_codes(tiny_vq):
         tiny_vq.encode(torch.rand(1, 3, 32, 32))
     with pytest.raises(UserError, match=r"\(batch, 3, 64, 64\)"):
         tiny_vq.encode(torch.rand(1, 1, 64, 64))
-    with pytest.raises(UserError, match="codes must lie in 0..511"):
-        tiny_vq.decode(torch.full((1, 64), 512))
-    with pytest.raises(UserError, match=r"\(batch, 64\)"):
+    with pytest.raises(UserError, match="codes must lie in 0..255"):
+        tiny_vq.decode(torch.full((1, 256), 256))
+    with pytest.raises(UserError, match=r"\(batch, 256\)"):
         tiny_vq.decode(torch.zeros(1, 63, dtype=torch.long))
+
+
+def test_training_the_shapes_tokenizer_lowers_its_loss_and_keeps_codes_alive():
+    from omnimamba.data.shapes import ShapesWorld
+    from omnimamba.training.vq import train_vq
+
+    torch.manual_seed(0)
+    world = ShapesWorld(seed=0)
+    vq = VQModel(VQConfig.shapes(ch=8, codebook_size=64))
+    records = []
+    result = train_vq(vq, lambda i: world.sample("train", i).image, 32, steps=40, lr=3e-3, batch=4,
+                      progress=False, foreground_weight=10.0, record=lambda s, r: records.append((s, r)),
+                      record_every=10)
+    assert [s for s, _ in records] == [0, 10, 20, 30, 39]
+    losses = [r["recon_loss"] for _, r in records]
+    assert losses[-1] < 0.75 * losses[0] and result["final_recon_loss"] > 0
+    images = torch.stack([torch.from_numpy(world.sample("train", i).image) for i in range(8)])
+    codes = vq.encode(images.permute(0, 3, 1, 2).float() / 127.5 - 1)
+    # dead-code restarts: without them a small codebook collapses onto a handful of codes
+    assert len(codes.unique()) >= 16 and not vq.training

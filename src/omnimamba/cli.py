@@ -174,7 +174,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = final_report(model, model.tokenizer, world, out, n_images=args.n_images, n_prompts=args.n_prompts,
-                          guidance=args.guidance, top_k=args.top_k)
+                          guidance=args.guidance, top_k=args.top_k, temperature=args.temperature)
     write_report(report, out / "results.json")
     print(f"wrote {out / 'results.json'} and {out / 'quickstart.png'}")
     return 0
@@ -277,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-prompts", type=_positive_int, default=48, help="T2I prompts (default: 48)")
     p.add_argument("--guidance", type=_non_negative_float, default=3.0, help="CFG scale (default: 3.0)")
     p.add_argument("--top-k", type=int, default=20, help="image-code top-k, 0 = all (default: 20)")
+    p.add_argument("--temperature", type=_non_negative_float, default=1.0,
+                   help="image-code sampling temperature (default: 1.0)")
     p.add_argument("--seed", type=int, default=0, help="Shapes world seed (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--out", default="runs/evaluation", help="output directory (default: runs/evaluation)")

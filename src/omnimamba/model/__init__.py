@@ -8,11 +8,11 @@
     report.py      parameters per module
 """
 
-from .config import PRESETS, OmniMambaConfig, preset, shapes_tiny_config
+from .config import PRESETS, OmniMambaConfig, preset, shapes_config
 from .core import OmniMamba
 from .embeddings import CaptionEmbedder, ImageTokenEmbedding
 from .generate import cfg_logits
 from .report import parameter_report
 
 __all__ = ["PRESETS", "CaptionEmbedder", "ImageTokenEmbedding", "OmniMamba", "OmniMambaConfig", "cfg_logits",
-           "parameter_report", "preset", "shapes_tiny_config"]
+           "parameter_report", "preset", "shapes_config"]

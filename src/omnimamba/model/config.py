@@ -81,18 +81,27 @@ class OmniMambaConfig:
             raise UserError(f"not an OmniMamba config: {e}") from e
 
 
-def shapes_tiny_config(text_base_vocab_size: int | None = None) -> OmniMambaConfig:
-    """The embedded default: trains end to end on a CPU in minutes (see `omnimamba quickstart`)."""
+def shapes_config(size: str = "tiny", text_base_vocab_size: int | None = None) -> OmniMambaConfig:
+    """The embedded Shapes world's models (no pretrained weights exist for it): 'tiny' trains on a CPU in
+    minutes (`omnimamba quickstart`), 'small' is the one-GPU recipe (configs/shapes-gpu.yaml). Both read
+    images through the trained tokenizer's encoder (frozen, 2 x 2 patches merged: 64 positions) and write
+    them as 256 codes."""
     if text_base_vocab_size is None:
         from ..tokenizer import TextTokenizer
 
         text_base_vocab_size = TextTokenizer.shapes().base_vocab_size
-    vocab = text_base_vocab_size + 6
+    sizes = {  # d_model, n_layer, d_state, headdim, chunk_size, VQ channels, codebook
+        "tiny": (128, 4, 32, 32, 16, 8, 256),
+        "small": (512, 8, 64, 64, 64, 16, 512),
+    }
+    if size not in sizes:
+        raise UserError(f"unknown Shapes model size {size!r}; sizes are {sorted(sizes)}")
+    d, n, state, headdim, chunk, ch, codes = sizes[size]
     return OmniMambaConfig(
-        backbone=Mamba2Config(d_model=128, n_layer=4, vocab_size=vocab, pad_vocab_size_multiple=8, d_state=32,
-                              headdim=32, chunk_size=64, tie_embeddings=True),
-        understanding=UnderstandingConfig(kind="vq-encoder", image_size=64),
-        vq=VQConfig.tiny(),
+        backbone=Mamba2Config(d_model=d, n_layer=n, vocab_size=text_base_vocab_size + 6, pad_vocab_size_multiple=8,
+                              d_state=state, headdim=headdim, chunk_size=chunk, tie_embeddings=True),
+        understanding=UnderstandingConfig(kind="vq-encoder", image_size=64, spatial_merge=2),
+        vq=VQConfig.shapes(ch=ch, codebook_size=codes),
         text_base_vocab_size=text_base_vocab_size,
         max_caption_tokens=24,
         lora_dropout=0.0,
@@ -107,7 +116,9 @@ PRESETS = {
         backbone=mamba2_preset("mamba2-370m", vocab_size=50283),
         understanding=UnderstandingConfig(backbones=("vit_large_patch14_clip_224.openai",), image_size=224),
     ),
-    "shapes-tiny": shapes_tiny_config,
+    # The embedded Shapes world (see shapes_config).
+    "shapes-tiny": lambda: shapes_config("tiny"),
+    "shapes-small": lambda: shapes_config("small"),
 }
 
 

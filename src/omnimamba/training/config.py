@@ -137,6 +137,7 @@ class RunSection:
     eval_prompts: int = 24       # Shapes validation prompts for T2I evaluation
     eval_guidance: float = 3.0
     eval_top_k: int = 0          # image-code sampling during evaluation: keep the k most likely codes (0 = all)
+    eval_temperature: float = 1.0  # ... and its temperature
     tensorboard: bool = True
     progress: bool = True
     strategy: str = "ddp"        # multi-process: "ddp" | "fsdp" (FSDP2)
@@ -175,6 +176,8 @@ class TrainConfig:
             raise UserError("optim.grad_clip must be > 0 and optim.weight_decay >= 0")
         if self.vq_train.steps < 0 or self.vq_train.lr <= 0 or self.vq_train.batch < 1:
             raise UserError("vq_train: steps >= 0, lr > 0 and batch >= 1 are required")
+        if self.run.eval_temperature < 0 or self.run.eval_top_k < 0:
+            raise UserError("run.eval_temperature and run.eval_top_k must be >= 0")
         for name in ("log_every", "ckpt_every"):
             if getattr(self.run, name) < 1:
                 raise UserError(f"run.{name} must be >= 1")

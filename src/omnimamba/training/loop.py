@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
-from ..model import OmniMamba, preset
+from ..model import PRESETS, OmniMamba, preset
 from ..tokenizer import TextTokenizer
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import StageConfig, TrainConfig
@@ -78,7 +78,7 @@ class Trainer:
             model = OmniMamba.from_pretrained(m.init)
             return model.train()
         overrides = dict(m.overrides)
-        if m.preset == "shapes-tiny":
+        if m.preset.startswith("shapes-"):
             overrides.setdefault("text_base_vocab_size", self.tokenizer.base_vocab_size)
         config = _preset_with(m.preset, overrides)
         if config.text_base_vocab_size != self.tokenizer.base_vocab_size:
@@ -372,10 +372,10 @@ class Trainer:
             result["mmu"], answered = evaluate_mmu(self.model, self.tokenizer, self.world, "val", r.eval_images)
         if self.t2i_source is not None and r.eval_prompts:
             result["t2i"], generated = evaluate_t2i(self.model, self.tokenizer, self.world, "val", r.eval_prompts,
-                                                    r.eval_guidance, top_k=r.eval_top_k)
+                                                    r.eval_guidance, r.eval_temperature, r.eval_top_k)
             if r.eval_guidance != 1.0:  # what guidance adds, measured at every evaluation
                 result["t2i_unguided"], _ = evaluate_t2i(self.model, self.tokenizer, self.world, "val",
-                                                         r.eval_prompts, 1.0, top_k=r.eval_top_k)
+                                                         r.eval_prompts, 1.0, r.eval_temperature, r.eval_top_k)
         self.model.train()
         self.model.vq.eval()
         out = self.out / "eval"
@@ -409,7 +409,7 @@ def _preset_with(name: str, overrides: dict):
     and `understanding` as mappings of their own fields (e.g. {backbone: {d_model: 256, n_layer: 8}})."""
     import dataclasses
 
-    from ..model import OmniMambaConfig, shapes_tiny_config
+    from ..model import OmniMambaConfig, shapes_config
 
     overrides = dict(overrides)
     subs = {key: overrides.pop(key) for key in ("backbone", "vq", "understanding") if key in overrides}
@@ -417,8 +417,8 @@ def _preset_with(name: str, overrides: dict):
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise UserError(f"model.overrides: unknown field(s) {unknown}; known: {sorted(known | set(('backbone', 'vq', 'understanding')))}")
-    if name == "shapes-tiny":
-        cfg = shapes_tiny_config(overrides.pop("text_base_vocab_size", None))
+    if name.startswith("shapes-") and name in PRESETS:
+        cfg = shapes_config(name.removeprefix("shapes-"), overrides.pop("text_base_vocab_size", None))
     else:
         cfg = preset(name)
     for key, fields in subs.items():

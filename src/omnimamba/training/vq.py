@@ -38,8 +38,9 @@ def train_vq(vq: VQModel, images_of, n_images: int, steps: int, lr: float, batch
     opt = torch.optim.AdamW(vq.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = np.random.default_rng([seed, 41])
     gen = torch.Generator().manual_seed(seed)
-    history = []
-    usage = torch.zeros(vq.config.codebook_size, dtype=torch.long)
+    history: list[float] = []
+    pending: list[torch.Tensor] = []  # losses not yet read back: no device sync every step
+    usage = torch.zeros(vq.config.codebook_size, dtype=torch.long, device=device)
     bar = tqdm(range(steps), desc="train VQ tokenizer", disable=not progress)
     for step in bar:
         for g in opt.param_groups:  # cosine decay to 10%
@@ -53,14 +54,17 @@ def train_vq(vq: VQModel, images_of, n_images: int, steps: int, lr: float, batch
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vq.parameters(), 1.0)
         opt.step()
-        usage += torch.bincount(codes.flatten().cpu(), minlength=usage.numel())
+        usage += torch.bincount(codes.flatten(), minlength=usage.numel())
         if step % RESTART_EVERY == 0 and step < steps * 0.8:
             restart_dead_codes(vq, q["z"].detach(), usage, gen, first=step == 0)
             usage.zero_()
-        history.append(recon.item())
-        bar.set_postfix(recon=f"{recon.item():.4f}")
-        if record is not None and (step % record_every == 0 or step == steps - 1):
-            record(step, {"recon_loss": float(np.mean(history[-record_every:]))})
+        pending.append(recon.detach())
+        if step % record_every == 0 or step == steps - 1:
+            history += torch.stack(pending).tolist()
+            pending.clear()
+            bar.set_postfix(recon=f"{history[-1]:.4f}")
+            if record is not None:
+                record(step, {"recon_loss": float(np.mean(history[-record_every:]))})
     vq.eval()
     vq.requires_grad_(False)
     return {"steps": steps, "final_recon_loss": float(np.mean(history[-20:])) if history else None}
@@ -75,7 +79,7 @@ def restart_dead_codes(vq: VQModel, z: torch.Tensor, usage: torch.Tensor, gen: t
     """Move unused codebook vectors onto random current latents (at the first step: all of them, a
     data-dependent initialisation). Without this a small VQ collapses onto a handful of codes."""
     table = vq.quantize.embedding.weight
-    dead = torch.arange(table.size(0)) if first else (usage == 0).nonzero().flatten()
+    dead = torch.arange(table.size(0)) if first else (usage == 0).nonzero().flatten().cpu()
     if len(dead):
         pick = torch.randint(0, z.size(0), (len(dead),), generator=gen)
         table[dead.to(table.device)] = z[pick.to(z.device)] + 0.01 * torch.randn(len(dead), z.size(1), generator=gen).to(z)

@@ -64,9 +64,10 @@ class VQConfig:
         return cls()
 
     @classmethod
-    def tiny(cls) -> "VQConfig":
-        """The embedded default: 64 px images, 8x downsampling -> 8 x 8 = 64 codes from 512 x 8."""
-        return cls(codebook_size=512, ch=16, ch_mult=(1, 2, 4, 4), num_res_blocks=1, z_channels=64,
+    def shapes(cls, ch: int = 8, codebook_size: int = 256) -> "VQConfig":
+        """The embedded Shapes world's tokenizer: 64 px images, 4x downsampling -> 16 x 16 = 256 codes per
+        image (the paper's count), each code a 4 x 4 pixel patch."""
+        return cls(codebook_size=codebook_size, ch=ch, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=64,
                    image_size=64, norm_groups=8)
 
     def replace(self, **changes) -> "VQConfig":
