@@ -37,7 +37,12 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
     from .data.shapes import ShapesConfig, ShapesWorld
 
     world = ShapesWorld(ShapesConfig(image_size=args.image_size), seed=args.seed)
-    paths = write_shapes_split(world, args.split, args.n, args.out)
+    if args.format in ("llava", "coco"):
+        paths = write_shapes_split(world, args.split, args.n, args.out)
+    else:
+        from .data.export import export_shapes
+
+        paths = export_shapes(world, args.format, args.split, args.n, args.out)
     for k, v in paths.items():
         print(f"{k:<9} {v}")
     return 0
@@ -208,6 +213,45 @@ def cmd_guidance(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .evaluation import benchmarks as b
+
+    if args.benchmark == "shapes":
+        return cmd_evaluate(args)
+    model = _load_model(args)
+    if model.tokenizer is None:
+        raise UserError(f"{args.model}: the model folder has no tokenizer.json")
+    opt = b.EvalOptions(Path(args.out or f"runs/eval/{args.benchmark}"), args.limit, args.batch_size,
+                        getattr(args, "max_new_tokens", 32), progress=not args.quiet,
+                        data=" ".join(str(x) for x in _benchmark_inputs(args)))
+    if args.benchmark == "pope":
+        summary = b.eval_pope(model, args.questions, args.images, opt, args.suffix)
+    elif args.benchmark == "mme":
+        summary = b.eval_mme(model, args.root, opt, tuple(args.tasks) if args.tasks else None, args.suffix)
+    elif args.benchmark == "vqa":
+        summary = b.eval_vqa(model, args.questions, args.annotations, args.images, opt, args.image_pattern,
+                             args.suffix)
+    elif args.benchmark == "mcq":
+        summary = b.eval_mcq(model, args.file, args.images, opt, args.suffix)
+    else:
+        summary = b.eval_fid(model, args.captions, args.reference, args.inception_weights, opt, args.guidance,
+                             args.temperature, args.top_k, args.seed, args.clip)
+    print(summary["report"], end="")
+    print(f"wrote {opt.out / 'predictions.jsonl'}, {opt.out / 'summary.json'} and {opt.out / 'report.txt'}")
+    return 0
+
+
+def _benchmark_inputs(args: argparse.Namespace) -> list:
+    names = {"pope": ("questions",), "mme": ("root",), "vqa": ("questions",), "mcq": ("file",), "fid": ("captions",)}
+    out = []
+    for name in names[args.benchmark]:
+        value = getattr(args, name)
+        out += value if isinstance(value, list) else [value]
+    return out
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import backbone_demo
 
@@ -234,6 +278,20 @@ def _at_least(kind, minimum):
 
 _positive_int = _at_least(int, 1)
 _non_negative_float = _at_least(float, 0)
+
+
+def _shapes_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="runs/quickstart/stage2-unified",
+                   help="model directory (default: runs/quickstart/stage2-unified)")
+    p.add_argument("--n-images", type=_positive_int, default=100, help="images for MMU questions (default: 100)")
+    p.add_argument("--n-prompts", type=_positive_int, default=48, help="T2I prompts (default: 48)")
+    p.add_argument("--guidance", type=_non_negative_float, default=3.0, help="CFG scale (default: 3.0)")
+    p.add_argument("--top-k", type=int, default=20, help="image-code top-k, 0 = all (default: 20)")
+    p.add_argument("--temperature", type=_non_negative_float, default=1.0,
+                   help="image-code sampling temperature (default: 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="Shapes world seed (default: 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--out", default="runs/evaluation", help="output directory (default: runs/evaluation)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,18 +329,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("evaluate", help="score a model on the Shapes test and held-out splits, with baselines")
-    p.add_argument("--model", default="runs/quickstart/stage2-unified",
-                   help="model directory (default: runs/quickstart/stage2-unified)")
-    p.add_argument("--n-images", type=_positive_int, default=100, help="images for MMU questions (default: 100)")
-    p.add_argument("--n-prompts", type=_positive_int, default=48, help="T2I prompts (default: 48)")
-    p.add_argument("--guidance", type=_non_negative_float, default=3.0, help="CFG scale (default: 3.0)")
-    p.add_argument("--top-k", type=int, default=20, help="image-code top-k, 0 = all (default: 20)")
-    p.add_argument("--temperature", type=_non_negative_float, default=1.0,
-                   help="image-code sampling temperature (default: 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="Shapes world seed (default: 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
-    p.add_argument("--out", default="runs/evaluation", help="output directory (default: runs/evaluation)")
+    _shapes_eval_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    bench = sub.add_parser("eval", help="evaluate on a standard benchmark read from its own files "
+                                        "(pope, mme, vqa, mcq, fid) or on the Shapes world (shapes)")
+    bench_sub = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+
+    def bench_parser(name: str, help: str, generation: bool = False) -> argparse.ArgumentParser:
+        p = bench_sub.add_parser(name, help=help)
+        p.add_argument("--model", default="runs/quickstart/stage2-unified",
+                       help="model directory (default: runs/quickstart/stage2-unified)")
+        p.add_argument("--out", help=f"output folder (default: runs/eval/{name}); a rerun resumes from it")
+        p.add_argument("--limit", type=_positive_int, help="only the first N questions (captions for fid)")
+        p.add_argument("--batch-size", type=_positive_int, default=16, help="questions per batch (default: 16)")
+        p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        if not generation:
+            p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="longest answer (default: 32)")
+        p.set_defaults(func=cmd_eval)
+        return p
+
+    def suffix(p: argparse.ArgumentParser, default: str) -> None:
+        p.add_argument("--suffix", default=None, help=f"text appended to each question (default: {default!r}; "
+                                                       "'' for none)")
+
+    p = bench_parser("pope", "POPE: question files (JSONL) + image folder")
+    p.add_argument("--questions", nargs="+", required=True, help="coco_pope_{random,popular,adversarial}.json")
+    p.add_argument("--images", required=True, help="folder of the images the questions name")
+    suffix(p, "Answer the question using a single word or phrase.")
+    p = bench_parser("mme", "MME: the release folder of per-task sub-folders")
+    p.add_argument("--root", required=True, help="MME_Benchmark_release_version/")
+    p.add_argument("--tasks", nargs="+", help="only these tasks (default: every task folder present)")
+    suffix(p, "")
+    p = bench_parser("vqa", "VQAv2 / TextVQA (questions + annotations JSON) or GQA (questions JSON)")
+    p.add_argument("--questions", required=True, help="VQAv2 questions JSON or GQA questions JSON")
+    p.add_argument("--annotations", help="VQAv2 annotations JSON (not for GQA)")
+    p.add_argument("--images", required=True, help="image folder")
+    p.add_argument("--image-pattern", help="image file name from its id (default: COCO_val2014_{image_id:012d}.jpg "
+                                           "for VQAv2, {image_id}.jpg for GQA)")
+    suffix(p, "Answer the question using a single word or phrase.")
+    p = bench_parser("mcq", "multiple choice: MMBench TSV (base64 images) or SEED JSON + image folder")
+    p.add_argument("--file", required=True, help="MMBench .tsv or SEED-Bench .json")
+    p.add_argument("--images", help="image folder (SEED JSON)")
+    p.add_argument("--suffix", default=None, help="instruction after the options (default: \"Answer with the "
+                                                  "option's letter from the given choices directly.\"; '' for none)")
+    p = bench_parser("fid", "FID (and CLIP score) of images generated from COCO captions", generation=True)
+    p.add_argument("--captions", required=True, help="COCO captions JSON (one caption per image id) or a text file")
+    p.add_argument("--reference", required=True, help="folder of reference images")
+    p.add_argument("--inception-weights", required=True,
+                   help="torch-fidelity's FID InceptionV3 weights (a local .pth; nothing is downloaded)")
+    p.add_argument("--clip", help="a local transformers CLIP folder: also report the CLIP score")
+    p.add_argument("--guidance", type=_non_negative_float, default=3.0, help="CFG scale (default: 3.0)")
+    p.add_argument("--temperature", type=_non_negative_float, default=1.0, help="sampling temperature (default: 1)")
+    p.add_argument("--top-k", type=int, default=0, help="image-code top-k, 0 = all (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="caption choice and sampling seed (default: 0)")
+    p = bench_sub.add_parser("shapes", help="the Shapes scorer on the test and held-out splits (= evaluate)")
+    _shapes_eval_args(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train", help="train OmniMamba through named stages (see configs/)")
     p.add_argument("--config", help="YAML or TOML run config; every field has a default (the paper's)")
@@ -327,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("train", "val", "test", "heldout"), default="train")
     p.add_argument("--seed", type=int, default=0, help="world seed (default: 0)")
     p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: 64)")
+    p.add_argument("--format", choices=("llava", "coco", "pope", "mme", "vqa", "mcq"), default="llava",
+                   help="llava/coco: PNGs + LLaVA conversations + COCO captions (training data, FID references); "
+                        "pope, mme, vqa, mcq: those benchmarks' own file layouts (default: llava)")
     p.set_defaults(func=cmd_data_shapes)
     p = data.add_parser("baselines", help="print the chance baselines of the Shapes scorer")
     p.add_argument("--n", type=_positive_int, default=200, help="images / prompts (default: 200)")
