@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from omnimamba.errors import UserError
 from omnimamba.mamba2 import CheckpointError, Mamba2LM, preset
 
 transformers = pytest.importorskip("transformers")
@@ -87,7 +88,7 @@ def test_wrong_path(tmp_path):
     with pytest.raises(CheckpointError, match="config.json not found"):
         Mamba2LM.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="not valid JSON"):
+    with pytest.raises(UserError, match="config.json: the Mamba-2 config is damaged or not JSON"):
         Mamba2LM.from_pretrained(tmp_path)
 
 

@@ -48,7 +48,11 @@ class TextTokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise UserError(f"{path}: tokenizer.json not found")
-        tok = Tokenizer.from_file(str(path))
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for damaged or foreign files
+            raise UserError(f"{path}: the tokenizer file is damaged or not a tokenizers JSON "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         # A saved TextTokenizer already carries the specials at the right ids: strip nothing, verify.
         if tok.token_to_id(SPECIAL_TOKENS[0]) is not None:
             self = cls.__new__(cls)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
+from ..fileio import read_json, read_safetensors, torch_load_weights
 from .config import Mamba2Config
 
 # transformers name -> our (state-spaces) name, for every key that differs; the rest are identical.
@@ -130,10 +131,9 @@ def read_config(path: Path) -> tuple[Mamba2Config, str]:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path} not found: a Mamba-2 checkpoint directory needs a config.json")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from e
+    raw = read_json(cfg_path, "Mamba-2 config")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object")
     try:
         if raw.get("model_type") == "mamba2" or "hidden_size" in raw:
             return _hf_config(raw, cfg_path), "hf"
@@ -152,23 +152,27 @@ def read_config(path: Path) -> tuple[Mamba2Config, str]:
 # --- weights ---------------------------------------------------------------------------------------------
 def read_weights(path: Path) -> dict[str, Tensor]:
     """All tensors of a checkpoint directory: model.safetensors, its sharded index, or pytorch_model.bin."""
-    from safetensors.torch import load_file
-
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
     binary = path / "pytorch_model.bin"
     if single.is_file():
-        return load_file(str(single))
+        return read_safetensors(single, "Mamba-2 weights")
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(read_json(index, "shard index")["weight_map"].values()))
+        except (KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index}: no weight_map (a safetensors shard index)") from None
         state: dict[str, Tensor] = {}
         for shard in shards:
             if not (path / shard).is_file():
                 raise CheckpointError(f"{index} names shard {shard}, which is missing from {path}")
-            state.update(load_file(str(path / shard)))
+            state.update(read_safetensors(path / shard, "Mamba-2 weight shard"))
         return state
     if binary.is_file():
-        return torch.load(binary, map_location="cpu", weights_only=True)
+        state = torch_load_weights(binary, "Mamba-2 weights")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{binary}: not a state dict")
+        return state
     raise CheckpointError(f"{path}: no weights found (model.safetensors, its index, or pytorch_model.bin)")
 
 

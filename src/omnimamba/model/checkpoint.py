@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
+from ..fileio import MANIFEST, read_json, require_intact, write_manifest, writing
 from ..vision.vq import VQModel
 from .config import OmniMambaConfig
 
@@ -22,28 +23,33 @@ class CheckpointMixin:
         from safetensors.torch import save_file, save_model
 
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps({"omnimamba": self.config.to_dict()}, indent=2) + "\n")
-        if state_dict is None:
-            save_model(self, str(path / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            tied = {"lm_head.weight", "image_head.weight"} if self.config.backbone.tie_embeddings else set()
-            save_file({k: v.contiguous() for k, v in state_dict.items() if k not in tied},
-                      str(path / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer = tokenizer or self.tokenizer
-        if tokenizer is not None:
-            tokenizer.save(path / "tokenizer.json")
+        with writing(path, "model folder"):
+            path.mkdir(parents=True, exist_ok=True)
+            (path / MANIFEST).unlink(missing_ok=True)  # until the new manifest, the folder is not vouched for
+            (path / "config.json").write_text(json.dumps({"omnimamba": self.config.to_dict()}, indent=2) + "\n")
+            if state_dict is None:
+                save_model(self, str(path / "model.safetensors"), metadata={"format": "pt"})
+            else:
+                tied = {"lm_head.weight", "image_head.weight"} if self.config.backbone.tie_embeddings else set()
+                save_file({k: v.contiguous() for k, v in state_dict.items() if k not in tied},
+                          str(path / "model.safetensors"), metadata={"format": "pt"})
+            tokenizer = tokenizer or self.tokenizer
+            if tokenizer is not None:
+                tokenizer.save(path / "tokenizer.json")
+            write_manifest(path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, backend: str = "auto") -> "OmniMamba":
+        from safetensors import SafetensorError
         from safetensors.torch import load_model
 
         path = Path(path)
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
             raise UserError(f"{path}: not an OmniMamba model directory (no config.json)")
-        raw = json.loads(cfg_path.read_text())
-        if "omnimamba" not in raw:
+        require_intact(path, "the model folder")
+        raw = read_json(cfg_path, "model config")
+        if not isinstance(raw, dict) or "omnimamba" not in raw:
             raise UserError(f"{cfg_path}: not an OmniMamba config (no 'omnimamba' key)")
         config = OmniMambaConfig.from_dict(raw["omnimamba"])
         # The encoders' weights are in model.safetensors: do not read their original files again.
@@ -52,7 +58,10 @@ class CheckpointMixin:
         weights = path / "model.safetensors"
         if not weights.is_file():
             raise UserError(f"{path}: model.safetensors not found")
-        missing, unexpected = load_model(model, str(weights), strict=False)
+        try:
+            missing, unexpected = load_model(model, str(weights), strict=False)
+        except (SafetensorError, OSError) as e:  # a truncated, empty or foreign file
+            raise UserError(f"{weights}: the model weights are damaged or not safetensors ({e})") from None
         if missing or unexpected:
             raise UserError(f"{weights} does not match its config: missing {missing[:8]}, "
                             f"unexpected {unexpected[:8]}")

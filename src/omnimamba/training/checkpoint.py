@@ -1,7 +1,9 @@
 """Training checkpoints: model, optimizer, RNG and data position, in safetensors + JSON.
 
-A checkpoint is written into a temporary folder and renamed into place only once complete, so a run killed
-mid-write never leaves a half-written checkpoint that looks like a good one.
+A checkpoint is written into a temporary folder, its manifest (each file's size and SHA-256) written last, and
+the folder renamed into place only then, so a run killed mid-write never leaves a half-written checkpoint that
+looks like a good one; a checkpoint damaged later fails its manifest, and resuming falls back to the newest
+one that verifies.
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from ..errors import UserError
+from ..fileio import read_json, read_safetensors, verify_manifest, write_manifest, writing
+from . import faults
 
 PREFIX = "ckpt-"
 
@@ -62,21 +68,27 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 def save_checkpoint(root: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, stage_index: int,
                     stage: str, step: int, extra: dict | None = None, keep: int = 2) -> Path:
     """Write <root>/ckpt-SS-NNNNNNNN atomically; keep the newest `keep` checkpoints."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / _name(stage_index, step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in _unique_state(model).items()},
-              str(tmp / "model.safetensors"))
-    opt_t, opt_meta = optimizer_tensors(opt)
-    save_file({**opt_t, **rng_tensors()}, str(tmp / "optimizer.safetensors"))
-    state = {"stage_index": stage_index, "stage": stage, "step": step, "optimizer": opt_meta, **(extra or {})}
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with writing(final, "checkpoint"):
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in _unique_state(model).items()},
+                  str(tmp / "model.safetensors"))
+        faults.point("checkpoint-model-written")
+        opt_t, opt_meta = optimizer_tensors(opt)
+        save_file({**opt_t, **rng_tensors()}, str(tmp / "optimizer.safetensors"))
+        state = {"stage_index": stage_index, "stage": stage, "step": step, "optimizer": opt_meta, **(extra or {})}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        faults.point("checkpoint-files-written")
+        write_manifest(tmp)
+        faults.point("checkpoint-manifest-written")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    faults.point("checkpoint-renamed")
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -102,15 +114,30 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def newest_intact(root: Path, log=print) -> Path | None:
+    """The newest checkpoint whose files match its manifest and read back, saying which newer ones were
+    skipped and why; None if there is none."""
+    for path in reversed(list_checkpoints(root)):
+        problems = verify_manifest(path, required=True)
+        if not problems:
+            try:
+                read_json(path / "state.json", "checkpoint state")
+                return path
+            except UserError as e:
+                problems = [str(e)]
+        log(f"--resume: skipping {path.name}: " + "; ".join(problems))
+    return None
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None) -> dict:
-    state = json.loads((path / "state.json").read_text())
-    weights = load_file(str(path / "model.safetensors"))
+    state = read_json(path / "state.json", "checkpoint state")
+    weights = read_safetensors(path / "model.safetensors", "checkpoint weights")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {k for k in missing if k.endswith(("lm_head.weight", "image_head.weight"))}
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"{path}: checkpoint does not match the model: missing {sorted(set(missing) - tied)[:8]}, "
-                           f"unexpected {unexpected[:8]}")
-    tensors = load_file(str(path / "optimizer.safetensors"))
+        raise UserError(f"{path}: checkpoint does not match the model: missing {sorted(set(missing) - tied)[:8]}, "
+                        f"unexpected {unexpected[:8]}")
+    tensors = read_safetensors(path / "optimizer.safetensors", "checkpoint optimizer state")
     if opt is not None:
         load_optimizer(opt, {k: v for k, v in tensors.items() if k.startswith("state.")}, state["optimizer"])
     restore_rng({k: v for k, v in tensors.items() if k.startswith("rng.")})

@@ -19,6 +19,7 @@ from torch import Tensor
 from ..data.formats import DataError, images_to_tensor, load_image, read_llava
 from ..data.shapes import ShapesConfig, ShapesWorld
 from ..errors import UserError
+from ..fileio import read_json, read_safetensors, writing
 from ..sequence import MMUBatch, T2IBatch, mmu_example, t2i_prefix
 
 log = logging.getLogger(__name__)
@@ -129,14 +130,19 @@ def cached_codes(vq, images_of, n: int, path: str | Path, batch_size: int = 64, 
     """Codes (n, tokens) of images_of(i) for i < n, read from `path` when it was made by this same VQ
     from the same source, otherwise computed (progress bar) and written there. T2I training reads codes,
     not pixels."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from tqdm import tqdm
 
     path = Path(path)
     meta = {"vq": vq_fingerprint(vq), "n": str(n), "source": source_id}
     meta_path = path.with_suffix(".json")
-    if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
-        return load_file(str(path))["codes"].long()
+    try:
+        if path.is_file() and read_json(meta_path, "code cache record") == meta:
+            codes = read_safetensors(path, "image-code cache")["codes"]
+            if codes.shape[0] == n:
+                return codes.long()
+    except (UserError, KeyError) as e:  # a damaged cache is rebuilt, not trusted
+        log.warning("rebuilding the image-code cache: %s", e)
     device = next(vq.parameters()).device
     out = []
     vq.eval()
@@ -144,9 +150,13 @@ def cached_codes(vq, images_of, n: int, path: str | Path, batch_size: int = 64, 
         batch = images_to_tensor([images_of(i) for i in range(start, min(n, start + batch_size))])
         out.append(vq.encode(batch.to(device) * 2 - 1).cpu())
     codes = torch.cat(out).to(torch.int32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"codes": codes}, str(path))
-    meta_path.write_text(json.dumps(meta))
+    tmp = path.with_suffix(".tmp")
+    with writing(path, "image-code cache"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta_path.unlink(missing_ok=True)  # the record, written last, vouches for the codes
+        save_file({"codes": codes}, str(tmp))
+        tmp.replace(path)
+        meta_path.write_text(json.dumps(meta))
     return codes.long()
 
 

@@ -15,7 +15,9 @@ import torch.distributed as dist
 from ..errors import UserError
 from ..model import PRESETS, OmniMamba, preset
 from ..tokenizer import TextTokenizer
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from ..fileio import MANIFEST, read_json, verify_manifest, writing
+from . import faults
+from .checkpoint import load_checkpoint, newest_intact, save_checkpoint
 from .config import StageConfig, TrainConfig
 from .data import (FileMMU, FileT2I, ShapesMMU, ShapesT2I, cached_codes, mmu_batch, shapes_world, t2i_batch)
 from .stages import apply_freeze_plan, freeze_summary
@@ -55,6 +57,7 @@ class Trainer:
         self._metrics = None
         self._tb = None
         self._sharded_once = False
+        self._tb_purge_step = 0
 
     # --- set-up -------------------------------------------------------------------------------------
     def _device(self) -> torch.device:
@@ -104,7 +107,7 @@ class Trainer:
         if self.cfg.model.vq or self.cfg.model.init or v.steps == 0:
             return
         vq_dir = self.out / "vq"
-        if (vq_dir / "config.json").is_file():
+        if self._vq_done():
             self.model.vq.load_state_dict(load_vq(vq_dir).state_dict())
             self._init_understanding()
             self.log(f"VQ tokenizer: reusing {vq_dir}")
@@ -116,7 +119,7 @@ class Trainer:
             r = train_vq(self.model.vq, lambda i: self.world.sample("train", i).image, n, v.steps, v.lr, v.batch,
                          seed=self.cfg.run.seed, device=self.device, progress=self.cfg.run.progress,
                          foreground_weight=v.foreground_weight,
-                         record=lambda step, rec: self._log_metrics({"stage": VQ_STAGE, "step": step, **rec}, 0),
+                         record=lambda step, rec: self._log_metrics({"stage": VQ_STAGE, "step": step, **rec}, None),
                          record_every=self.cfg.run.log_every)
             save_vq(self.model.vq, vq_dir)
             self.log(f"VQ tokenizer: {v.steps} steps, reconstruction loss {r['final_recon_loss']:.4f}, saved to {vq_dir}")
@@ -124,6 +127,11 @@ class Trainer:
             dist.barrier()
             self.model.vq.load_state_dict(load_vq(vq_dir).state_dict())
         self._init_understanding()
+
+    def _vq_done(self) -> bool:
+        """The tokenizer this run trained is complete on disk (its manifest written last, and matching)."""
+        vq_dir = self.out / "vq"
+        return (vq_dir / MANIFEST).is_file() and not verify_manifest(vq_dir)
 
     def _init_understanding(self) -> None:
         if self.model.init_understanding_from_vq():
@@ -242,19 +250,21 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
             (self.out / "train_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1, default=str))
+        chosen = newest_intact(self.out / "checkpoints", self.log) if resume else None
+        start = read_json(chosen / "state.json") if chosen else None
+        if resume and not chosen:
+            self.log(f"--resume: no intact checkpoint under {self.out / 'checkpoints'}; starting from the beginning")
+        if self.rank == 0:
+            self._cut_logs(start)
         self.prepare_vq()
         self.prepare_data()
-        ckpts = list_checkpoints(self.out / "checkpoints") if resume else []
-        start = json.loads((ckpts[-1] / "state.json").read_text()) if ckpts else None
-        if resume and not ckpts:
-            self.log(f"--resume: no checkpoint under {self.out / 'checkpoints'}; starting from the beginning")
         results = {}
         for index, stage in enumerate(self.cfg.stages):
             if only and stage.name not in only:
                 continue
             if start is not None and index < start["stage_index"]:
                 continue
-            resume_from = ckpts[-1] if start is not None and index == start["stage_index"] else None
+            resume_from = chosen if start is not None and index == start["stage_index"] else None
             results[stage.name] = self.run_stage(index, stage, resume_from)
             start = None
         self.close()
@@ -289,6 +299,7 @@ class Trainer:
                 g["lr"] = lr
             loss, logs, tokens = self._step_loss(engine, step, stage)
             loss.backward()
+            faults.point("step")
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, c.optim.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -301,10 +312,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 t0, tokens_since = time.perf_counter(), 0
             last = step == stage.steps - 1
-            if c.run.eval_every and (step + 1) % c.run.eval_every == 0 and not last:
-                self.evaluate(stage.name, step)
+            # checkpoint before evaluating: a run resumed from step s evaluates at s again, as one that never
+            # stopped does after its checkpoint, and the logs cut back to s hold no evaluation of s twice
             if (step + 1) % c.run.ckpt_every == 0 or last:
                 self._checkpoint(opt, index, stage, step)
+            if c.run.eval_every and (step + 1) % c.run.eval_every == 0 and not last:
+                self.evaluate(stage.name, step)
         bar.close()
         del engine  # a stage's DDP wrapper (and its gradient hooks) must not outlive the stage
         last_eval = self.evaluate(stage.name, stage.steps - 1)
@@ -312,6 +325,7 @@ class Trainer:
         if self.rank == 0:
             self.model.save_pretrained(self.out / stage.name, tokenizer=self.tokenizer, state_dict=state)
             self.log(f"saved {self.out / stage.name}")
+            faults.point("stage-saved")
         return last_eval or {}
 
     @property
@@ -334,7 +348,39 @@ class Trainer:
         if self.distributed:
             dist.barrier()
 
-    def _log_metrics(self, rec: dict, index: int) -> None:
+    def _cut_logs(self, start: dict | None) -> None:
+        """Make the run's logs end where it (re)starts: from checkpoint (stage k, step s) keep earlier stages,
+        stage k's training records up to s and its evaluations before s (the ones at s follow the checkpoint
+        and run again); a fresh start keeps only the tokenizer's records, when its tokenizer is reused."""
+        path = self.out / "metrics.jsonl"
+        order = {stage.name: i for i, stage in reversed(list(enumerate(self.cfg.stages)))}
+        k, s = (start["stage_index"], start["step"]) if start else (-1, -1)
+        vq_done = self._vq_done()
+
+        def keep(rec: dict) -> bool:
+            if rec.get("stage") == VQ_STAGE:
+                return vq_done
+            i = order.get(rec.get("stage"), len(order))
+            if i != k:
+                return i < k
+            return rec["step"] < s if any(key.startswith("eval_") for key in rec) else rec["step"] <= s
+
+        if path.is_file():
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # the torn last line of a killed run
+                    continue
+                if keep(rec):
+                    kept.append(line)
+            with writing(path, "metrics log"):
+                path.write_text("".join(line + "\n" for line in kept))
+        # TensorBoard drops its own events past the restart when the writer opens
+        self._tb_purge_step = k * 10_000_000 + s + 1 if start else 0
+
+    def _log_metrics(self, rec: dict, index: int | None) -> None:
+        """A record to metrics.jsonl and, for stage `index` (None: the tokenizer, not drawn there), TensorBoard."""
         if self.rank != 0:
             return
         if self._metrics is None:
@@ -343,12 +389,13 @@ class Trainer:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
 
-                    self._tb = SummaryWriter(str(self.out / "tensorboard"))
+                    self._tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self._tb_purge_step)
                 except ImportError:
                     self._tb = None
-        self._metrics.write(json.dumps(rec) + "\n")
-        self._metrics.flush()
-        if self._tb is not None:
+        with writing(self.out / "metrics.jsonl", "metrics log"):
+            self._metrics.write(json.dumps(rec) + "\n")
+            self._metrics.flush()
+        if self._tb is not None and index is not None:
             global_step = index * 10_000_000 + rec["step"]
             for k, v in rec.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -356,7 +403,8 @@ class Trainer:
 
     def evaluate(self, stage: str, step: int) -> dict | None:
         """Shapes scores on the validation split, plus a picture of samples (rank 0, Shapes data only)."""
-        if self.rank != 0 or self.world is None:
+        r = self.cfg.run
+        if self.rank != 0 or self.world is None or not (r.eval_images or r.eval_prompts):
             return None
         if self.sharded:
             self.log("evaluation skipped under FSDP (one rank cannot run a sharded model): "
@@ -364,7 +412,6 @@ class Trainer:
             return None
         from ..evaluation.shapes_eval import evaluate_mmu, evaluate_t2i, save_evaluation_picture
 
-        r = self.cfg.run
         self.model.eval()
         result: dict = {"stage": stage, "step": step}
         answered, generated = [], []
@@ -393,7 +440,8 @@ class Trainer:
         self._log_metrics({"stage": stage, "step": step,
                            "eval_mmu": result.get("mmu", {}).get("accuracy", {}).get("overall"),
                            "eval_t2i": result.get("t2i", {}).get("overall"),
-                           "eval_t2i_unguided": result.get("t2i_unguided", {}).get("overall")}, 0)
+                           "eval_t2i_unguided": result.get("t2i_unguided", {}).get("overall")},
+                          next(i for i, st in enumerate(self.cfg.stages) if st.name == stage))
         return result
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..fileio import MANIFEST, read_json, read_safetensors, require_intact, write_manifest, writing
 from ..vision.vq import VQConfig, VQModel
 from ..data.formats import images_to_tensor
 
@@ -90,21 +91,30 @@ def save_vq(vq: VQModel, path: str | Path) -> None:
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps({"vq": dataclasses.asdict(vq.config)}, indent=1))
-    save_file({k: v.contiguous().cpu() for k, v in vq.state_dict().items()}, str(path / "model.safetensors"))
+    with writing(path, "VQ tokenizer folder"):
+        path.mkdir(parents=True, exist_ok=True)
+        (path / MANIFEST).unlink(missing_ok=True)
+        (path / "config.json").write_text(json.dumps({"vq": dataclasses.asdict(vq.config)}, indent=1))
+        save_file({k: v.contiguous().cpu() for k, v in vq.state_dict().items()}, str(path / "model.safetensors"))
+        write_manifest(path)
 
 
 def load_vq(path: str | Path, config: VQConfig | None = None) -> VQModel:
     """A VQ directory written by `save_vq`, or LlamaGen's checkpoint file (e.g. vq_ds16_c2i.pt)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if path.is_file():
         return VQModel.from_llamagen(path, config)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise UserError(f"{path}: neither a VQ checkpoint file nor a VQ directory with config.json")
-    vq = VQModel(VQConfig(**json.loads(cfg_file.read_text())["vq"]))
-    vq.load_state_dict(load_file(str(path / "model.safetensors")))
+    require_intact(path, "the VQ tokenizer folder")
+    raw = read_json(cfg_file, "VQ config")
+    try:
+        vq = VQModel(VQConfig(**raw["vq"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{cfg_file}: not a VQ config ({e})") from None
+    try:
+        vq.load_state_dict(read_safetensors(path / "model.safetensors", "VQ weights"))
+    except RuntimeError as e:  # missing / unexpected / mis-shaped keys
+        raise UserError(f"{path / 'model.safetensors'} does not match {cfg_file}:\n{e}") from None
     return vq.eval()

@@ -70,16 +70,18 @@ def check_images(images: Tensor, size: int, what: str) -> None:
 
 
 def _load_local_weights(model: nn.Module, path: str, name: str) -> None:
+    from ..fileio import read_safetensors, torch_load_weights
+
     p = Path(path)
     if not p.is_file():
         raise UserError(f"weights for encoder {name!r} not found: {p}")
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(p))
+        state = read_safetensors(p, f"weights of encoder {name!r}")
     else:
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        state = torch_load_weights(p, f"weights of encoder {name!r}")
         state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise UserError(f"{p}: not a state dict for encoder {name!r}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -301,11 +301,12 @@ class VQModel(nn.Module):
     def from_llamagen(cls, path: str | Path, config: VQConfig | None = None) -> "VQModel":
         """Load LlamaGen's checkpoint (e.g. vq_ds16_c2i.pt): a dict with the state dict under "model"
         (or "ema", or the state dict itself). Missing or unexpected keys are errors."""
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"{path}: VQ checkpoint not found")
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        from ..fileio import torch_load_weights
+
+        raw = torch_load_weights(path, "VQ checkpoint")
         state = raw.get("model", raw.get("ema", raw)) if isinstance(raw, dict) else raw
+        if not isinstance(state, dict):
+            raise UserError(f"{path}: not a VQ state dict")
         model = cls(config or VQConfig.vq16())
         try:
             model.load_state_dict(state, strict=True)
