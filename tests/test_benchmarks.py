@@ -73,7 +73,7 @@ def test_mme_acc_plus_needs_both_questions_of_an_image(tmp_path):
     for name in ("1", "2"):
         png(tmp_path / "existence" / f"{name}.png")
         (tmp_path / "existence" / f"{name}.txt").write_text(
-            f"Is there a dog in this image? Please answer yes or no.\tYes\nIs there a cat? Please answer yes or no.\tNo\n")
+            "Is there a dog in this image? Please answer yes or no.\tYes\nIs there a cat? Please answer yes or no.\tNo\n")
     png(tmp_path / "artwork" / "images" / "p.jpg")
     (tmp_path / "artwork" / "questions_answers_YN").mkdir()
     (tmp_path / "artwork" / "questions_answers_YN" / "p.txt").write_text("Is it a painting?\tYes\nIs it a photo?\tNo\n")

@@ -78,8 +78,12 @@ def test_batched_left_padded_equals_one_by_one(tiny_model):
 
 def test_bad_sampling_arguments(tiny_model):
     ids = torch.tensor([[1, 2]])
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
         tiny_model.generate(ids, 3, temperature=-1)
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+        tiny_model.generate(ids, 3, temperature=float("nan"))
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        tiny_model.generate(ids, 3, top_k=-1)
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
         tiny_model.generate(ids, 3, top_p=0)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):

@@ -7,6 +7,7 @@ line and exit with status 2; bugs keep their traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from .errors import UserError
@@ -143,16 +144,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .data.formats import picture_grid
+    from .fileio import writing
 
     model = _load_model(args)
     images = model.generate_images([args.prompt] * args.n, guidance_scale=args.guidance, temperature=args.temperature,
                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                                    progress=True)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(images):
-        im.save(out / f"image-{i:03d}.png")
-    picture_grid([(np.asarray(im), args.prompt) for im in images], out / "grid.png")
+    with writing(out, "output folder"):
+        out.mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(images):
+            tmp = out / f".image-{i:03d}.png.tmp"
+            im.save(tmp, format="PNG")
+            tmp.replace(out / f"image-{i:03d}.png")  # no half-written PNG under the final name
+        picture_grid([(np.asarray(im), args.prompt) for im in images], out / "grid.png")
     print(f"wrote {len(images)} image(s) and grid.png to {out}")
     return 0
 
@@ -162,8 +167,9 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
                    help="model directory (default: the quickstart's, runs/quickstart/stage2-unified)")
     p.add_argument("--temperature", type=_non_negative_float, default=temperature,
                    help=f"sampling temperature, 0 = greedy (default: {temperature:g})")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = all (default: 0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    p.add_argument("--top-k", type=_non_negative_int, default=0,
+                   help="keep the k most likely tokens, 0 = all (default: 0)")
+    p.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling mass, in (0, 1] (default: 1.0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
 
@@ -269,6 +275,8 @@ def _at_least(kind, minimum):
 
     def parse(text: str):
         value = kind(text)
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
         return value
@@ -278,6 +286,14 @@ def _at_least(kind, minimum):
 
 _positive_int = _at_least(int, 1)
 _non_negative_float = _at_least(float, 0)
+_non_negative_int = _at_least(int, 0)
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 def _shapes_eval_args(p: argparse.ArgumentParser) -> None:
@@ -286,7 +302,7 @@ def _shapes_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-images", type=_positive_int, default=100, help="images for MMU questions (default: 100)")
     p.add_argument("--n-prompts", type=_positive_int, default=48, help="T2I prompts (default: 48)")
     p.add_argument("--guidance", type=_non_negative_float, default=3.0, help="CFG scale (default: 3.0)")
-    p.add_argument("--top-k", type=int, default=20, help="image-code top-k, 0 = all (default: 20)")
+    p.add_argument("--top-k", type=_non_negative_int, default=20, help="image-code top-k, 0 = all (default: 20)")
     p.add_argument("--temperature", type=_non_negative_float, default=1.0,
                    help="image-code sampling temperature (default: 1.0)")
     p.add_argument("--seed", type=int, default=0, help="Shapes world seed (default: 0)")
@@ -382,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", help="a local transformers CLIP folder: also report the CLIP score")
     p.add_argument("--guidance", type=_non_negative_float, default=3.0, help="CFG scale (default: 3.0)")
     p.add_argument("--temperature", type=_non_negative_float, default=1.0, help="sampling temperature (default: 1)")
-    p.add_argument("--top-k", type=int, default=0, help="image-code top-k, 0 = all (default: 0)")
+    p.add_argument("--top-k", type=_non_negative_int, default=0, help="image-code top-k, 0 = all (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="caption choice and sampling seed (default: 0)")
     p = bench_sub.add_parser("shapes", help="the Shapes scorer on the test and held-out splits (= evaluate)")
     _shapes_eval_args(p)

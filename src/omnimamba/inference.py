@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data.formats import images_to_tensor, load_image
+from .data.formats import images_to_tensor, load_image, pil_to_array
 from .vision.vq import to_uint8
 from .errors import UserError
 from .sequence import mmu_prompt, pad_left, t2i_prefix
@@ -25,12 +25,11 @@ def to_pixels(images, size: int) -> Tensor:
         if isinstance(im, (str, Path)):
             arr = load_image(im, size)
         elif isinstance(im, Image.Image):
-            arr = np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC))
+            arr = pil_to_array(im, size)
         elif isinstance(im, np.ndarray):
-            if im.ndim != 3 or im.shape[2] != 3:
+            if im.ndim != 3 or im.shape[2] != 3 or 0 in im.shape:
                 raise UserError(f"an image array must be (H, W, 3) RGB, got shape {im.shape}")
-            arr = im if im.shape[:2] == (size, size) else np.asarray(
-                Image.fromarray(im.astype(np.uint8)).resize((size, size), Image.BICUBIC))
+            arr = im if im.shape[:2] == (size, size) else pil_to_array(Image.fromarray(im.astype(np.uint8)), size)
         else:
             raise UserError(f"cannot read an image from a {type(im).__name__}")
         arrays.append(arr.astype(np.uint8))
@@ -62,6 +61,9 @@ def answer(model, tokenizer, images, questions, max_new_tokens: int = 64, temper
         questions, images = [questions], [images]
     if len(images) != len(questions):
         raise UserError(f"{len(images)} images for {len(questions)} questions: give one image per question")
+    for q in questions:
+        if not isinstance(q, str) or not q.strip():
+            raise UserError(f"a question must be non-empty text, got {q!r}")
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = _model_device(model)

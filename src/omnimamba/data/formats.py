@@ -46,8 +46,20 @@ def images_to_tensor(images: list[np.ndarray]):
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
+def pil_to_array(im, size: int | None = None) -> np.ndarray:
+    """A PIL image of any mode as (H, W, 3) uint8 RGB, turned upright by its EXIF orientation (as a phone
+    photo is shown), resized (bicubic) to size x size when given."""
+    from PIL import Image, ImageOps
+
+    im = ImageOps.exif_transpose(im) or im
+    im = im.convert("RGB")
+    if size is not None and im.size != (size, size):
+        im = im.resize((size, size), Image.BICUBIC)
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
 def load_image(path: str | Path, size: int | None = None) -> np.ndarray:
-    """An RGB image as (H, W, 3) uint8, resized (bicubic) to size x size when given."""
+    """An RGB image file as (H, W, 3) uint8 (see pil_to_array)."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -55,12 +67,11 @@ def load_image(path: str | Path, size: int | None = None) -> np.ndarray:
         raise DataError(f"{path}: image file not found")
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.BICUBIC)
-            return np.asarray(im, dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{path}: not a readable image ({e})") from e
+            return pil_to_array(im, size)
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: image too large to read safely ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: not a readable image ({e})") from None
 
 
 def _records(path: Path) -> list[tuple[str, object]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,19 +223,56 @@ def _build(cls, raw: Any, where: str):
             kwargs[key] = _coerce(value, hints.get(key), f"{where}.{key}")
     try:
         return cls(**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
         raise UserError(f"{where}: {e}") from e
 
 
 def _coerce(value: Any, hint, where: str) -> Any:
-    """Numbers written as strings (YAML reads 1e-4 as a string) become the field's type."""
-    try:
-        if hint is float and isinstance(value, (str, int)) and not isinstance(value, bool):
-            return float(value)
-        if hint is int and isinstance(value, str):
-            return int(value)
-    except ValueError:
-        raise UserError(f"{where}: expected a {hint.__name__}, got {value!r}") from None
+    """`value` as the field's type, or a UserError naming the field. Numbers written as strings (YAML reads
+    1e-4 as a string) become numbers; lists become tuples."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):  # X | None
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+
+    def fail():
+        name = getattr(hint, "__name__", str(hint))
+        return UserError(f"{where}: expected {'a list of ' + str(len(args)) + ' numbers' if origin is tuple and Ellipsis not in args else name}, got {value!r}")
+
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise fail()
+        return value
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise fail()
+        try:
+            number = hint(value) if isinstance(value, (str, int, float)) else None
+        except (ValueError, OverflowError):
+            number = None
+        if number is None or (hint is int and isinstance(value, float) and not value.is_integer()):
+            raise fail()
+        if isinstance(number, float) and not math.isfinite(number):
+            raise UserError(f"{where}: expected a finite number, got {value!r}")
+        return number
+    if hint is str:
+        if not isinstance(value, str):
+            raise fail()
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise fail()
+        items = args[:1] * len(value) if Ellipsis in args else args
+        if len(items) != len(value):
+            raise fail()
+        return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise fail()
     return value
 
 
@@ -246,7 +284,10 @@ def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (a YAML or TOML run config is expected)") from None
     try:
         if path.suffix == ".toml":
             try:
@@ -273,20 +314,32 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.grad_clip=0.5")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(parts):
+            raise UserError(f"--set {item!r}: {key!r} is not a dotted field name, e.g. run.out")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UserError(f"--set {key}: cannot parse the value {value!r} ({e})") from None
         node = raw
-        for i, part in enumerate(parts[:-1]):
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
             if isinstance(node, list):
-                node = node[_index(part, key)]
+                index = _index(part, key)
+                if not -len(node) <= index < len(node):
+                    raise UserError(f"--set {key}: there is no item {index} (the list has {len(node)})")
+                if last:
+                    node[index] = parsed
+                else:
+                    node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = parsed
+                else:
+                    if part == "stages" and "stages" not in node:
+                        node["stages"] = [dataclasses.asdict(s) for s in PAPER_STAGES]
+                    node = node.setdefault(part, {})
             else:
-                if part == "stages" and "stages" not in node:
-                    node["stages"] = [dataclasses.asdict(s) for s in PAPER_STAGES]
-                node = node.setdefault(part, {})
-        last = parts[-1]
-        parsed = yaml.safe_load(value)
-        if isinstance(node, list):
-            node[_index(last, key)] = parsed
-        else:
-            node[last] = parsed
+                raise UserError(f"--set {key}: {'.'.join(parts[:i])} is a value ({node!r}), not a section")
     return raw
 
 
