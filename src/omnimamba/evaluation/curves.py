@@ -99,8 +99,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, smoothing: int 
             if stage == VQ_STAGE:
                 continue
             ax.axvline(start, color="0.8", lw=0.8)
-            ax.text(start, 1.0, f" {stage}", transform=ax.get_xaxis_transform(), fontsize=7, va="top",
-                    color="0.4")
+            # Vertical labels: short stages (stage 1 warms new modules only) would overlap side by side.
+            ax.text(start, 0.98, f"{stage} ", transform=ax.get_xaxis_transform(), fontsize=7, va="top",
+                    ha="right", rotation=90, color="0.4")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.suptitle(str(run_dir), fontsize=9)
