@@ -219,6 +219,33 @@ def cmd_guidance(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    import platform
+    from pathlib import Path
+
+    import torch
+
+    from .evaluation.ablation_report import write_report
+    from .training.ablation import DEFAULT_VARIANTS, Ablation
+    from .training.config import apply_overrides, read_config_file
+
+    base = apply_overrides(read_config_file(args.config), args.set or [])
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    ablation = Ablation(base, args.out, args.variants or DEFAULT_VARIANTS, seeds, args.n_images, args.n_prompts)
+    records = ablation.run()
+    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
+              else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
+    argv = sys.argv[1:] if args.argv is None else args.argv
+    meta = {"command": "omnimamba " + " ".join(argv),
+            "machine": f"{device}, torch {torch.__version__}", "seeds": seeds, "n_images": args.n_images,
+            "n_prompts": args.n_prompts}
+    report = write_report(records, args.out, meta)
+    print((Path(args.out) / "ablation.md").read_text())
+    print(f"wrote {args.out}/ablation.json, ablation.md" + (", ablation.png" if report["chart"] else
+                                                            " (pip install matplotlib for the chart)"))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -412,6 +439,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", action="append", help="run only this stage (repeatable)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("ablate", help="the paper's ablations on Shapes: each variant trained and scored over seeds")
+    p.add_argument("--config", required=True, help="the base run config (Shapes data, stage 1 and stage 2)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of the base config")
+    p.add_argument("--variants", nargs="+", help="unified-nolora decoupled-nolora unified-lora full joint ratio-A:B "
+                   "(default: the four of Table 4, joint, ratio-1:3, ratio-3:1)")
+    p.add_argument("--seeds", type=_positive_int, default=3, help="training seeds per variant (default: 3)")
+    p.add_argument("--seed", type=int, default=0, help="the first seed (default: 0)")
+    p.add_argument("--n-images", type=_positive_int, default=50, help="test images whose questions score MMU (default: 50)")
+    p.add_argument("--n-prompts", type=_positive_int, default=48, help="T2I prompts per split (default: 48)")
+    p.add_argument("--out", default="runs/ablation", help="output folder; a rerun reuses finished runs (default: runs/ablation)")
+    p.set_defaults(func=cmd_ablate)
+
     p = sub.add_parser("guidance", help="T2I score against the guidance scale, over sampling seeds (Shapes)")
     p.add_argument("--scales", type=_non_negative_float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 5.0],
                    help="guidance scales to try, 1 = none (default: 1 1.5 2 3 5)")
@@ -465,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except UserError as e:
