@@ -218,30 +218,31 @@ def test_fid_statistic_equals_the_closed_form_on_known_gaussians():
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory):
     """torch-fidelity's FID InceptionV3, random weights, written as a local file (the real architecture)."""
-    from unittest import mock
+    from helpers.random_inception import random_inception_state
 
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    torch.manual_seed(0)
-    with mock.patch("torch.load", lambda *a, **k: {}), \
-            mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
-        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
     path = tmp_path_factory.mktemp("inception") / "inception.pth"
-    torch.save(net.state_dict(), path)
+    torch.save(random_inception_state(), path)
     return path
 
 
 @pytest.mark.slow
 def test_fid_runs_the_inception_network_on_the_cpu(tmp_path, inception_weights):
     rng = np.random.default_rng(0)
-    for side in ("ref", "gen"):
+    for side in ("ref", "other", "noise"):
         (tmp_path / side).mkdir()
-        for k in range(3):  # images of different sizes: cropped and resized alike
-            image = rng.integers(0, 255, (40 + 8 * k, 48, 3), dtype=np.uint8)
+        for k in range(4):  # images of different sizes: cropped and resized alike
+            if side == "noise":
+                image = rng.integers(0, 255, (40 + 8 * k, 48, 3), dtype=np.uint8)
+            else:  # flat grey scenes with one coloured square, as different from noise as photos are
+                image = np.full((40 + 8 * k, 48, 3), 200, np.uint8)
+                y, x = rng.integers(0, 24, 2)
+                image[y:y + 16, x:x + 16] = rng.integers(0, 255, 3)
             Image.fromarray(image).save(tmp_path / side / f"{k}.png")
-    ref, gen = fid_mod.image_files(tmp_path / "ref"), fid_mod.image_files(tmp_path / "gen")
-    value = fid_mod.compute_fid(ref, gen, inception_weights, progress=False)
-    assert np.isfinite(value) and value >= 0
+    ref, other, noise = (fid_mod.image_files(tmp_path / s) for s in ("ref", "other", "noise"))
+    near = fid_mod.compute_fid(ref, other, inception_weights, progress=False)
+    far = fid_mod.compute_fid(ref, noise, inception_weights, progress=False)
+    # The features separate kinds of images (random weights that collapse every image to one feature give 0).
+    assert 0.1 < near and far > 5 * near  # measured: 2.0 and 39
     assert fid_mod.compute_fid(ref, ref, inception_weights, progress=False) == pytest.approx(0, abs=1e-2)
     assert fid_mod.load_for_inception(ref[1]).shape == (3, 299, 299)
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from omnimamba.cli import main
+from omnimamba.data.formats import DataError, load_image
 from omnimamba.errors import UserError
 from omnimamba.inference import answer, generate_images, to_pixels
 from omnimamba.model import OmniMamba, preset
@@ -162,3 +163,11 @@ def test_any_command_line_runs_or_fails_with_one_clear_line(tmp_path_factory, ca
     assert code in (0, 2)
     if code == 2:
         assert "error:" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_decompression_bomb_is_refused_by_name(tmp_path, monkeypatch):
+    Image.new("RGB", (100, 100)).save(tmp_path / "bomb.png")
+    # PIL refuses an image of more than twice MAX_IMAGE_PIXELS; lower the limit instead of writing gigapixels.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(DataError, match="bomb.png: image too large to read safely"):
+        load_image(tmp_path / "bomb.png")
