@@ -34,6 +34,6 @@ else
   "${PIP[@]}" "torch==2.14.1" "torchvision==0.29.1"
 fi
 
-"${PIP[@]}" -e ".[test,plot]"
+"${PIP[@]}" -e ".[test,plot,serve]"
 touch "$STAMP"
 echo "setup: done ($VENV)"

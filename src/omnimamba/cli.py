@@ -219,6 +219,23 @@ def cmd_guidance(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .serving.app import create_app
+    except ImportError as e:
+        raise UserError(f"serving needs FastAPI and uvicorn: pip install 'omnimamba[serve]' ({e})") from None
+    model = _load_model(args)
+    if model.tokenizer is None:
+        raise UserError(f"{args.model}: the model folder has no tokenizer.json")
+    app = create_app(model, max_batch=args.max_batch, max_queue=args.max_queue)
+    print(f"serving {args.model} on http://{args.host}:{args.port} (POST /v1/chat/completions, "
+          "/v1/images/generations; GET /health, /metrics)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def cmd_ablate(args: argparse.Namespace) -> int:
     import platform
     from pathlib import Path
@@ -438,6 +455,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of run.out")
     p.add_argument("--stage", action="append", help="run only this stage (repeatable)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("serve", help="an OpenAI-style HTTP API with continuous batching (FastAPI + uvicorn)")
+    p.add_argument("--model", default="runs/quickstart/stage2-unified", help="model directory (default: the quickstart's)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=_positive_int, default=8000, help="port (default: 8000)")
+    p.add_argument("--max-batch", type=_positive_int, default=32, help="answers decoded together (default: 32)")
+    p.add_argument("--max-queue", type=_positive_int, default=256,
+                   help="requests that may wait for a place; more get 429 (default: 256)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ablate", help="the paper's ablations on Shapes: each variant trained and scored over seeds")
     p.add_argument("--config", required=True, help="the base run config (Shapes data, stage 1 and stage 2)")

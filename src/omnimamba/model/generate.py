@@ -128,11 +128,7 @@ class GenerationMixin:
             finished = torch.zeros(b, dtype=torch.bool, device=device)
             eot = self.special.eot
             for i in range(max_new_tokens):
-                logits = self.text_logits(hidden).float().clone()
-                eot_logit = logits[:, eot].clone()
-                logits[:, self.config.text_base_vocab_size:] = float("-inf")  # no special token but [EOT]
-                logits[:, eot] = eot_logit
-                token = sample_next_token(logits, temperature, top_k, top_p, generator)
+                token = sample_next_token(self.answer_logits(hidden), temperature, top_k, top_p, generator)
                 if stop_at_eot:
                     token = token.masked_fill(finished, eot)
                     finished |= token == eot
@@ -141,6 +137,16 @@ class GenerationMixin:
                     return
                 if i < max_new_tokens - 1:
                     hidden = runner(token)
+
+    def answer_logits(self, hidden: Tensor) -> Tensor:
+        """(b, d) -> float (b, text_vocab) logits of the next answer token: text tokens and [EOT], no other
+        special token."""
+        logits = self.text_logits(hidden).float().clone()
+        eot = self.special.eot
+        eot_logit = logits[:, eot].clone()
+        logits[:, self.config.text_base_vocab_size:] = float("-inf")
+        logits[:, eot] = eot_logit
+        return logits
 
     @staticmethod
     def _move_padding_left(mask: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
