@@ -155,3 +155,11 @@ def test_a_full_queue_is_429_with_retry_after(model):
     with TestClient(create_app(model, max_queue=0)) as c:
         r = c.post("/v1/chat/completions", json=chat_body(0))
     assert r.status_code == 429 and r.headers["retry-after"] == "1" and "busy" in r.json()["error"]["message"]
+
+
+def test_the_demo_page_is_served_and_names_its_controls(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for control in ('id="image"', 'id="question"', 'id="ask"', 'id="prompt"', 'id="guidance"', 'id="go"', 'id="grid"'):
+        assert control in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing loaded from elsewhere

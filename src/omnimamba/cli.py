@@ -230,8 +230,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if model.tokenizer is None:
         raise UserError(f"{args.model}: the model folder has no tokenizer.json")
     app = create_app(model, max_batch=args.max_batch, max_queue=args.max_queue)
-    print(f"serving {args.model} on http://{args.host}:{args.port} (POST /v1/chat/completions, "
-          "/v1/images/generations; GET /health, /metrics)")
+    if args.verb == "demo":
+        print(f"the demo: open http://{args.host}:{args.port}/ in a browser (Ctrl-C stops it)")
+    else:
+        print(f"serving {args.model} on http://{args.host}:{args.port} (POST /v1/chat/completions, "
+              "/v1/images/generations; GET /health, /metrics; the demo page at /)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -456,15 +459,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", action="append", help="run only this stage (repeatable)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("serve", help="an OpenAI-style HTTP API with continuous batching (FastAPI + uvicorn)")
-    p.add_argument("--model", default="runs/quickstart/stage2-unified", help="model directory (default: the quickstart's)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=_positive_int, default=8000, help="port (default: 8000)")
-    p.add_argument("--max-batch", type=_positive_int, default=32, help="answers decoded together (default: 32)")
-    p.add_argument("--max-queue", type=_positive_int, default=256,
-                   help="requests that may wait for a place; more get 429 (default: 256)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
-    p.set_defaults(func=cmd_serve)
+    for verb, text in (("serve", "an OpenAI-style HTTP API with continuous batching (FastAPI + uvicorn)"),
+                       ("demo", "the web demo in a browser: chat about an image, generate images (= serve)")):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("--model", default="runs/quickstart/stage2-unified", help="model directory (default: the quickstart's)")
+        p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+        p.add_argument("--port", type=_positive_int, default=8000, help="port (default: 8000)")
+        p.add_argument("--max-batch", type=_positive_int, default=32, help="answers decoded together (default: 32)")
+        p.add_argument("--max-queue", type=_positive_int, default=256,
+                       help="requests that may wait for a place; more get 429 (default: 256)")
+        p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+        p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ablate", help="the paper's ablations on Shapes: each variant trained and scored over seeds")
     p.add_argument("--config", required=True, help="the base run config (Shapes data, stage 1 and stage 2)")
@@ -496,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="moving average over this many logged points (default: 5)")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("demo", help="backbone only: a tiny Mamba-2 learns arithmetic progressions, decodes with the cache")
+    p = sub.add_parser("backbone-demo", help="backbone only: a tiny Mamba-2 learns arithmetic progressions, decodes with the cache")
     p.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=cmd_demo)

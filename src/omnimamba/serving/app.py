@@ -5,6 +5,7 @@ health and Prometheus metrics. `omnimamba serve --model DIR` runs it under uvico
                                 max_tokens, temperature, top_p, seed; stream: true gives server-sent events
     POST /v1/images/generations prompt, n, guidance, seed -> b64_json PNGs
     GET  /health, GET /metrics
+    GET  /                      the web demo (serving/demo.py)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import uuid
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..errors import UserError
 from .batcher import QueueFull, TextBatcher, TextRequest
@@ -139,6 +140,12 @@ def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limi
     @app.exception_handler(QueueFull)
     async def _queue_full(request, exc):
         return error(429, f"server busy: {exc}", headers={"Retry-After": "1"})
+
+    @app.get("/", response_class=HTMLResponse)
+    def demo_page():
+        from .demo import PAGE
+
+        return PAGE
 
     @app.get("/health")
     def health():
