@@ -163,3 +163,19 @@ def test_the_demo_page_is_served_and_names_its_controls(client):
     for control in ('id="image"', 'id="question"', 'id="ask"', 'id="prompt"', 'id="guidance"', 'id="go"', 'id="grid"'):
         assert control in page.text
     assert "http://" not in page.text and "https://" not in page.text  # nothing loaded from elsewhere
+
+
+def test_an_answer_past_the_request_timeout_is_504_and_its_row_is_freed(model):
+    app = create_app(model, request_timeout=0.0)
+    with TestClient(app) as c:
+        r = c.post("/v1/chat/completions", json=chat_body(0))
+        assert r.status_code == 504 and "request_timeout" in r.json()["error"]["message"]
+        with c.stream("POST", "/v1/chat/completions", json=chat_body(0, stream=True)) as s:
+            chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "timeout"
+        batcher = app.state.batcher
+        for _ in range(200):  # the cancelled rows leave at the batcher's next step
+            if batcher.batch_size == 0 and batcher.queue_length == 0:
+                break
+            threading.Event().wait(0.05)
+        assert batcher.batch_size == 0 and batcher.queue_length == 0

@@ -229,7 +229,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = _load_model(args)
     if model.tokenizer is None:
         raise UserError(f"{args.model}: the model folder has no tokenizer.json")
-    app = create_app(model, max_batch=args.max_batch, max_queue=args.max_queue)
+    app = create_app(model, max_batch=args.max_batch, max_queue=args.max_queue, request_timeout=args.request_timeout)
     if args.verb == "demo":
         print(f"the demo: open http://{args.host}:{args.port}/ in a browser (Ctrl-C stops it)")
     else:
@@ -468,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-batch", type=_positive_int, default=32, help="answers decoded together (default: 32)")
         p.add_argument("--max-queue", type=_positive_int, default=256,
                        help="requests that may wait for a place; more get 429 (default: 256)")
+        p.add_argument("--request-timeout", type=_non_negative_float, default=300.0,
+                       help="seconds an answer may take, queueing included; then it is cancelled (default: 300)")
         p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
         p.set_defaults(func=cmd_serve)
 

@@ -107,7 +107,7 @@ def _number(body: dict, key: str, default, kind, lo=None, hi=None, lo_open=False
 
 
 def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limit: int = 512,
-               max_prompt_tokens: int = 2048):
+               max_prompt_tokens: int = 2048, request_timeout: float = 300.0):
     from ..inference import _text_pieces, generate_images, prompt_ids, to_pixels
 
     model.eval()
@@ -197,8 +197,17 @@ def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limi
         tokens = iter(req)
         done = object()
 
+        timed_out = object()
+
         async def next_piece(pieces):
-            return await loop.run_in_executor(None, next, pieces, done)
+            """The next text piece, `done` at the end, `timed_out` once the request has run request_timeout
+            seconds (then it is cancelled: the batcher drops its row at the next step)."""
+            left = request_timeout - (time.perf_counter() - req.submitted)
+            try:
+                return await asyncio.wait_for(loop.run_in_executor(None, next, pieces, done), max(left, 0))
+            except asyncio.TimeoutError:
+                req.cancel()
+                return timed_out
 
         pieces = (p[0] for p in _text_pieces(tokenizer, (torch.tensor([t]) for t in tokens), 1))
 
@@ -215,11 +224,11 @@ def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limi
                             req.cancel()
                             return
                         piece = await next_piece(pieces)
-                        if piece is done:
+                        if piece is done or piece is timed_out:
                             break
                         if piece:
                             yield chunk({"content": piece})
-                    yield chunk({}, req.finish_reason or "stop")
+                    yield chunk({}, "timeout" if piece is timed_out else req.finish_reason or "stop")
                     yield "data: [DONE]\n\n"
                 finally:
                     req.cancel()
@@ -229,9 +238,13 @@ def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limi
         try:
             while True:
                 piece = await next_piece(pieces)
+                if piece is timed_out:
+                    return error(504, f"the answer took longer than {request_timeout:g} s (request_timeout)")
                 if piece is done:
                     break
                 text += piece
+                if await request.is_disconnected():  # nobody to answer: free the row
+                    break
         finally:
             req.cancel()
         return {"id": rid, "object": "chat.completion", "created": created, "model": name,
