@@ -15,6 +15,7 @@ import base64
 import binascii
 import contextlib
 import io
+import queue
 import threading
 import time
 import uuid
@@ -25,6 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 
 from ..errors import UserError
 from .batcher import QueueFull, TextBatcher, TextRequest
+from .images import ImageBatcher, ImageRequest
 
 MAX_IMAGES_PER_REQUEST = 16
 
@@ -108,11 +110,13 @@ def _number(body: dict, key: str, default, kind, lo=None, hi=None, lo_open=False
 
 def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limit: int = 512,
                max_prompt_tokens: int = 2048, request_timeout: float = 300.0):
-    from ..inference import _text_pieces, generate_images, prompt_ids, to_pixels
+    from ..inference import _text_pieces, prompt_ids, to_pixels
+    from ..sequence import t2i_prefix
 
     model.eval()
     lock = threading.Lock()
     batcher = TextBatcher(model, max_batch=max_batch, max_queue=max_queue, lock=lock)
+    image_batcher = ImageBatcher(model, max_batch=max_batch, max_queue=max_queue, lock=lock)
     tokenizer = model.tokenizer
     size = model.config.understanding.image_size
     name = "omnimamba"
@@ -120,9 +124,10 @@ def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limi
     async def lifespan(app):
         yield
         batcher.close()
+        image_batcher.close()
 
     app = FastAPI(title="omnimamba", lifespan=lifespan)
-    app.state.batcher = batcher
+    app.state.batcher, app.state.image_batcher = batcher, image_batcher
     images_total = [0]
 
     def error(status: int, message: str, headers=None):
@@ -164,6 +169,8 @@ def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limi
             "# TYPE omnimamba_chat_requests_total counter", f"omnimamba_chat_requests_total {batcher.requests_total}",
             "# TYPE omnimamba_decode_steps_total counter", f"omnimamba_decode_steps_total {batcher.steps_total}",
             "# TYPE omnimamba_images_total counter", f"omnimamba_images_total {images_total[0]}",
+            "# TYPE omnimamba_image_batch_size gauge", f"omnimamba_image_batch_size {image_batcher.batch_size}",
+            "# TYPE omnimamba_image_queue_length gauge", f"omnimamba_image_queue_length {image_batcher.queue_length}",
             "# TYPE omnimamba_chat_latency_seconds summary",
             f'omnimamba_chat_latency_seconds{{quantile="0.5"}} {q(0.5):.6f}',
             f'omnimamba_chat_latency_seconds{{quantile="0.99"}} {q(0.99):.6f}',
@@ -266,11 +273,14 @@ def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limi
         if body.get("response_format", "b64_json") != "b64_json":
             raise BadRequest("response_format must be b64_json (images are not stored to serve by URL)")
 
-        def run():
-            with lock:  # image generation is not batched with other requests yet: it holds the model
-                return generate_images(model, tokenizer, [prompt] * n, guidance_scale=guidance,
-                                       temperature=temperature, seed=seed)
-        pics = await asyncio.get_running_loop().run_in_executor(None, run)
+        ids, caption = t2i_prefix(tokenizer, prompt, model.config.max_caption_tokens)
+        req = image_batcher.submit(ImageRequest(ids, caption, n=n, guidance=guidance, temperature=temperature,
+                                                seed=seed))
+        try:
+            pics = await asyncio.get_running_loop().run_in_executor(None, req.result, request_timeout)
+        except queue.Empty:
+            req.cancel()
+            return error(504, f"the images took longer than {request_timeout:g} s (request_timeout)")
         images_total[0] += len(pics)
         data = []
         for im in pics:

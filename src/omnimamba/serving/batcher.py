@@ -1,11 +1,11 @@
-"""Continuous batching of answer generation (MMU): requests join a running decode batch at a step boundary and
-leave it when they finish, with no cost for history, since a Mamba-2 sequence's whole past is a fixed-size state.
+"""Continuous batching: requests join a running decode batch at a step boundary and leave it when they finish,
+with no cost for history, since a Mamba-2 sequence's whole past is a fixed-size state.
 
-One thread owns the decode loop. Each loop turn: admit waiting requests into free rows (each is prefilled alone,
-then its conv and SSM states are copied into its row of the shared cache), sample one token for every active
-row (each with its own temperature, top-p and seed), hand the tokens to their requests, retire finished or
-cancelled rows (the last active row moves into the freed one, so active rows stay packed in [0, n) and a step
-costs what n sequences cost), then run one decode step over the n active rows.
+One thread per task owns its decode loop. Each loop turn: admit waiting items into free slots (each is prefilled
+alone, then its conv and SSM states are copied into its rows of the shared cache), sample one token for every
+slot (each with its own settings and seed), hand the tokens to their requests, retire finished or cancelled slots
+(the last slot moves into the freed one, so slots stay packed in [0, n) and a step costs what n sequences cost),
+then run one decode step over the n slots. TextBatcher does answers (here); ImageBatcher (images.py) images.
 """
 
 from __future__ import annotations
@@ -61,14 +61,24 @@ class TextRequest:
             yield item
 
 
-class _Row:
-    def __init__(self, request: TextRequest, generator):
-        self.request, self.generator = request, generator
+class _Slot:
+    """A place in the running batch: `width` consecutive rows of the cache, held by one item (a text request,
+    or one image of an image request), with its own sampling generator."""
+
+    def __init__(self, item, generator):
+        self.item, self.generator = item, generator
 
 
-class TextBatcher:
-    """Continuous batching over at most `max_batch` rows; at most `max_queue` requests wait for a row.
-    `lock` serialises the model between this loop and other users (e.g. image generation)."""
+class ContinuousBatcher:
+    """The decode loop shared by answers and images: at most `max_batch` slots of `width` cache rows each
+    decode together; at most `max_queue` items wait. `lock` serialises the model between batchers.
+
+    A subclass says how an item is prefilled into its slot (`_prefill`), what each slot feeds the next step
+    after sampling (`_sample`: one row of step inputs per slot, and which slots finished) and how those inputs
+    become embeddings (`_embed`); it hands results to its requests (`_finish`, `_fail`)."""
+
+    task = "mmu"
+    width = 1
 
     def __init__(self, model, max_batch: int = 32, max_queue: int = 256, lock: threading.Lock | None = None):
         if max_batch < 1 or max_queue < 0:
@@ -76,12 +86,13 @@ class TextBatcher:
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         self.lock = lock or threading.Lock()
         self.device = next(model.parameters()).device
-        self.route = model._route("mmu")
-        self.cache = model.allocate_cache(max_batch, self.device)
-        self.hidden = torch.zeros(max_batch, model.config.backbone.d_model, device=self.device,
+        self.route = model._route(self.task)
+        rows = max_batch * self.width
+        self.cache = model.allocate_cache(rows, self.device)
+        self.hidden = torch.zeros(rows, model.config.backbone.d_model, device=self.device,
                                   dtype=model.lm_head.weight.dtype)
-        self.rows: list[_Row] = []  # row i of the cache belongs to rows[i]
-        self.waiting: collections.deque[TextRequest] = collections.deque()
+        self.slots: list[_Slot] = []  # slot i holds cache rows [i * width, (i + 1) * width)
+        self.waiting: collections.deque = collections.deque()
         self._wake = threading.Condition()
         self._stop = False
         # what /metrics reports
@@ -89,18 +100,17 @@ class TextBatcher:
         self.requests_total = 0
         self.steps_total = 0
         self.latencies: collections.deque[float] = collections.deque(maxlen=1000)
-        self._thread = threading.Thread(target=self._loop, name="omnimamba-batcher", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"omnimamba-{self.task}-batcher", daemon=True)
         self._thread.start()
 
     # --- the public side ------------------------------------------------------------------------------
-    def submit(self, request: TextRequest) -> TextRequest:
-        check_sampling_args(request.temperature, 0, request.top_p)
+    def _enqueue(self, items: list) -> None:
         with self._wake:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting (the bound is {self.max_queue})")
-            self.waiting.append(request)
+            if len(self.waiting) + len(items) > self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} waiting, {len(items)} more asked for (the bound is "
+                                f"{self.max_queue})")
+            self.waiting.extend(items)
             self._wake.notify()
-        return request
 
     @property
     def queue_length(self) -> int:
@@ -108,7 +118,7 @@ class TextBatcher:
 
     @property
     def batch_size(self) -> int:
-        return len(self.rows)
+        return len(self.slots)
 
     def close(self) -> None:
         with self._wake:
@@ -121,7 +131,7 @@ class TextBatcher:
         with torch.no_grad(), self.model._merged_route(self.route):
             while True:
                 with self._wake:
-                    while not self._stop and not self.waiting and not self.rows:
+                    while not self._stop and not self.waiting and not self.slots:
                         self._wake.wait()
                     if self._stop:
                         break
@@ -129,27 +139,126 @@ class TextBatcher:
                     with self.lock:
                         self._turn()
                 except BaseException as e:  # a failed step fails the requests in it, not the server
-                    for row in self.rows:
-                        row.request.tokens.put(e)
-                    self.rows = []
-        for row in self.rows:
-            row.request.finish_reason = "cancelled"
-            row.request.tokens.put(None)
+                    for slot in self.slots:
+                        self._fail(slot.item, e)
+                    self.slots = []
+        for slot in self.slots:
+            self._fail(slot.item, None)
 
     def _turn(self) -> None:
         self._admit()
-        if not self.rows:
+        if not self.slots:
             return
-        n = len(self.rows)
+        n = len(self.slots)
+        inputs, finished = self._sample(n)
+        for i in sorted(finished, reverse=True):  # highest first: moving the last slot in never moves a finished one
+            self._finish(self.slots[i].item)
+            self._retire(i)
+        if not self.slots:
+            return
+        m = len(self.slots)
+        view = type(self.cache)(conv=self.cache.conv[:, :m * self.width], ssm=self.cache.ssm[:, :m * self.width])
+        emb = self._embed(self._compact(inputs, n, sorted(finished)))
+        self.hidden[: m * self.width] = self.model.backbone.step(emb, view, task=self.route)
+        self.steps_total += 1
+
+    @staticmethod
+    def _compact(values: Tensor, n: int, finished: list[int]) -> Tensor:
+        """Apply to `values` (n, ...) the moves _retire made to the slots (each freed slot takes the last)."""
+        order = list(range(n))
+        for i in reversed(finished):
+            last = order.pop()
+            if i < len(order):
+                order[i] = last
+        return values[order]
+
+    def _admit(self) -> None:
+        while len(self.slots) < self.max_batch:
+            with self._wake:
+                if not self.waiting:
+                    return
+                item = self.waiting.popleft()
+            if self._cancelled(item):
+                self._fail(item, None)
+                continue
+            try:
+                self._prefill(item, len(self.slots))
+            except BaseException as e:
+                self._fail(item, e)
+                continue
+            self.slots.append(_Slot(item, make_generator(self._seed(item), self.device)))
+
+    def _rows(self, slot: int) -> slice:
+        return slice(slot * self.width, (slot + 1) * self.width)
+
+    def _retire(self, i: int) -> None:
+        """Free slot i: the last slot moves into it (states and hidden), keeping slots packed."""
+        last = len(self.slots) - 1
+        if i != last:
+            dst, src = self._rows(i), self._rows(last)
+            self.cache.conv[:, dst] = self.cache.conv[:, src]
+            self.cache.ssm[:, dst] = self.cache.ssm[:, src]
+            self.hidden[dst] = self.hidden[src]
+            self.slots[i] = self.slots[last]
+        self.slots.pop()
+
+    def _fill(self, slot: int, single, hidden: Tensor) -> None:
+        """Copy a prefilled cache of `width` rows and its last hidden states into `slot`."""
+        rows = self._rows(slot)
+        self.cache.conv[:, rows] = single.conv
+        self.cache.ssm[:, rows] = single.ssm
+        self.hidden[rows] = hidden
+
+    # --- what a subclass defines ---------------------------------------------------------------------------
+    def _prefill(self, item, slot: int) -> None:
+        raise NotImplementedError
+
+    def _sample(self, n: int) -> tuple[Tensor, list[int]]:
+        raise NotImplementedError
+
+    def _embed(self, inputs: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _finish(self, item) -> None:
+        raise NotImplementedError
+
+    def _fail(self, item, error: BaseException | None) -> None:
+        """error None: the item was cancelled (or the server stops)."""
+        raise NotImplementedError
+
+    def _cancelled(self, item) -> bool:
+        return item.cancelled
+
+    def _seed(self, item) -> int | None:
+        return item.seed
+
+
+class TextBatcher(ContinuousBatcher):
+    """Answers (MMU), one cache row per request."""
+
+    task, width = "mmu", 1
+
+    def submit(self, request: TextRequest) -> TextRequest:
+        check_sampling_args(request.temperature, 0, request.top_p)
+        self._enqueue([request])
+        return request
+
+    def _prefill(self, r: TextRequest, slot: int) -> None:
+        m = self.model
+        ids = torch.tensor([r.ids], dtype=torch.long, device=self.device)
+        x = m.mmu_embeddings(r.pixels.to(self.device), ids)
+        single = m.allocate_cache(1, self.device)
+        self._fill(slot, single, m.backbone(x, cache=single, task=self.route)[:, -1])
+
+    def _sample(self, n: int) -> tuple[Tensor, list[int]]:
         logits = self.model.answer_logits(self.hidden[:n])
-        tokens = torch.empty(n, dtype=torch.long, device=self.device)
-        for i, row in enumerate(self.rows):
-            r = row.request
-            tokens[i] = sample_next_token(logits[i:i + 1], r.temperature, 0, r.top_p, row.generator)[0]
         eot = self.model.special.eot
+        tokens = torch.empty(n, dtype=torch.long, device=self.device)
         finished = []
-        for i, (row, t) in enumerate(zip(self.rows, tokens.tolist())):
-            r = row.request
+        for i, slot in enumerate(self.slots):
+            r = slot.item
+            t = int(sample_next_token(logits[i:i + 1], r.temperature, 0, r.top_p, slot.generator)[0])
+            tokens[i] = t
             if r.cancelled:
                 r.finish_reason = "cancelled"
             elif t == eot:
@@ -162,66 +271,17 @@ class TextBatcher:
                     r.finish_reason = "length"
             if r.finish_reason:
                 finished.append(i)
-        for i in reversed(finished):  # highest first, so moving the last row in never moves a finished one
-            r = self.rows[i].request
-            r.tokens.put(None)
-            self.latencies.append(time.perf_counter() - r.submitted)
-            self.requests_total += 1
-            self._retire(i)
-        if not self.rows:
-            return
-        # Rows were compacted by _retire in the same way as `keep` maps old indices to new positions.
-        self.hidden[: len(self.rows)] = self._step(self._compact(tokens, n, finished))
-        self.steps_total += 1
+        return tokens, finished
 
-    @staticmethod
-    def _compact(values: Tensor, n: int, finished: list[int]) -> Tensor:
-        """Apply to `values` (n, ...) the moves _retire made to the rows (each freed slot takes the last row)."""
-        order = list(range(n))
-        for i in reversed(finished):
-            last = order.pop()
-            if i < len(order):
-                order[i] = last
-        return values[order]
+    def _embed(self, tokens: Tensor) -> Tensor:
+        return self.model.backbone.embedding(tokens)
 
-    def _step(self, tokens: Tensor) -> Tensor:
-        n = tokens.size(0)
-        view = type(self.cache)(conv=self.cache.conv[:, :n], ssm=self.cache.ssm[:, :n])
-        emb = self.model.backbone.embedding(tokens)
-        return self.model.backbone.step(emb, view, task=self.route)
+    def _finish(self, r: TextRequest) -> None:
+        r.tokens.put(None)
+        self.latencies.append(time.perf_counter() - r.submitted)
+        self.requests_total += 1
 
-    def _admit(self) -> None:
-        while len(self.rows) < self.max_batch:
-            with self._wake:
-                if not self.waiting:
-                    return
-                r = self.waiting.popleft()
-            if r.cancelled:
-                r.finish_reason = "cancelled"
-                r.tokens.put(None)
-                continue
-            try:
-                self._prefill(r, len(self.rows))
-            except BaseException as e:
-                r.tokens.put(e)
-                continue
-            self.rows.append(_Row(r, make_generator(r.seed, self.device)))
-
-    def _prefill(self, r: TextRequest, slot: int) -> None:
-        m = self.model
-        ids = torch.tensor([r.ids], dtype=torch.long, device=self.device)
-        x = m.mmu_embeddings(r.pixels.to(self.device), ids)
-        single = m.allocate_cache(1, self.device)
-        self.hidden[slot] = m.backbone(x, cache=single, task=self.route)[0, -1]
-        self.cache.conv[:, slot] = single.conv[:, 0]
-        self.cache.ssm[:, slot] = single.ssm[:, 0]
-
-    def _retire(self, i: int) -> None:
-        """Free row i: the last active row moves into it (states and hidden), keeping rows packed."""
-        last = len(self.rows) - 1
-        if i != last:
-            self.cache.conv[:, i] = self.cache.conv[:, last]
-            self.cache.ssm[:, i] = self.cache.ssm[:, last]
-            self.hidden[i] = self.hidden[last]
-            self.rows[i] = self.rows[last]
-        self.rows.pop()
+    def _fail(self, r: TextRequest, error: BaseException | None) -> None:
+        if error is None:
+            r.finish_reason = "cancelled"
+        r.tokens.put(error)
