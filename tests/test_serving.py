@@ -207,3 +207,15 @@ def test_concurrent_images_equal_the_images_made_alone(model):
     # round a pixel differently.
     assert np.abs(np.asarray(two[0]).astype(int) - alone[0]).max() <= 1
     assert batcher.requests_total == 6 and batcher.batch_size == 0
+
+
+def test_image_generation_streams_its_progress(client):
+    body = {"prompt": "a red circle", "n": 2, "seed": 0, "guidance": 2.0}
+    with client.stream("POST", "/v1/images/generations", json={**body, "stream": True}) as s:
+        assert s.status_code == 200
+        events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    msgs = [json.loads(e) for e in events[:-1]]
+    progress = [m["progress"] for m in msgs]
+    assert progress == sorted(progress) and progress[-1] == 1.0 and all(0 <= p <= 1 for p in progress)
+    assert msgs[-1]["data"] == client.post("/v1/images/generations", json=body).json()["data"]

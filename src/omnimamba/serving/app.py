@@ -3,7 +3,8 @@ health and Prometheus metrics. `omnimamba serve --model DIR` runs it under uvico
 
     POST /v1/chat/completions   messages with one image (an image_url content part, base64 data URL);
                                 max_tokens, temperature, top_p, seed; stream: true gives server-sent events
-    POST /v1/images/generations prompt, n, guidance, seed -> b64_json PNGs
+    POST /v1/images/generations prompt, n, guidance, seed -> b64_json PNGs; stream: true sends progress events
+                                first
     GET  /health, GET /metrics
     GET  /                      the web demo (serving/demo.py)
 """
@@ -276,20 +277,49 @@ def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limi
         ids, caption = t2i_prefix(tokenizer, prompt, model.config.max_caption_tokens)
         req = image_batcher.submit(ImageRequest(ids, caption, n=n, guidance=guidance, temperature=temperature,
                                                 seed=seed))
+        loop = asyncio.get_running_loop()
+        if body.get("stream"):
+            total = n * model.config.image_tokens
+
+            async def events():
+                """progress events ({"progress": fraction of the codes sampled}), then the images."""
+                shown = -1
+                try:
+                    while True:
+                        if await request.is_disconnected() or time.perf_counter() - req.submitted > request_timeout:
+                            yield "data: " + _dumps({"error": {"message": "timed out (request_timeout)"}}) + "\n\n"
+                            return
+                        try:
+                            pics = await loop.run_in_executor(None, req.result, 0.25)
+                        except queue.Empty:
+                            if req.codes_done != shown:
+                                shown = req.codes_done
+                                yield "data: " + _dumps({"progress": round(shown / total, 4)}) + "\n\n"
+                            continue
+                        images_total[0] += len(pics)
+                        yield "data: " + _dumps({"progress": 1.0, "created": int(time.time()),
+                                                 "data": [{"b64_json": _png(im)} for im in pics]}) + "\n\n"
+                        yield "data: [DONE]\n\n"
+                        return
+                finally:
+                    req.cancel()
+            return StreamingResponse(events(), media_type="text/event-stream")
         try:
-            pics = await asyncio.get_running_loop().run_in_executor(None, req.result, request_timeout)
+            pics = await loop.run_in_executor(None, req.result, request_timeout)
         except queue.Empty:
             req.cancel()
             return error(504, f"the images took longer than {request_timeout:g} s (request_timeout)")
         images_total[0] += len(pics)
-        data = []
-        for im in pics:
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-            data.append({"b64_json": base64.b64encode(buf.getvalue()).decode()})
+        data = [{"b64_json": _png(im)} for im in pics]
         return {"created": int(time.time()), "data": data}
 
     return app
+
+
+def _png(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def _dumps(obj) -> str:

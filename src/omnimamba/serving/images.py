@@ -40,6 +40,7 @@ class ImageRequest:
     _done: queue.Queue = field(default_factory=queue.Queue)
     _cancelled: threading.Event = field(default_factory=threading.Event)
     _failed: bool = False
+    codes_done: int = 0  # image codes sampled so far, over all n images (progress: codes_done / (n * tokens))
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -104,6 +105,7 @@ class ImageBatcher(ContinuousBatcher):
             code = int(sample_next_token(mixed[None], r.temperature, r.top_k, r.top_p, slot.generator)[0])
             inputs[i, 0], inputs[i, 1] = code, m.t2i_image_start + len(item.codes)
             item.codes.append(code)
+            r.codes_done += 1
             self.tokens_total += 1
             if r.cancelled or len(item.codes) == m.config.image_tokens:
                 finished.append(i)
