@@ -2,7 +2,6 @@
 image, ask two questions, generate four images with the guidance slider moved. Skipped where they are missing."""
 
 import shutil
-import socket
 import sys
 import threading
 import time
@@ -19,7 +18,7 @@ if not (shutil.which("chromium") and shutil.which("chromedriver")):
     pytest.skip("needs chromium and chromedriver (Debian: apt install chromium chromium-driver)", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from demo_screenshots import drive  # noqa: E402
+from demo_screenshots import drive, free_port  # noqa: E402
 
 import uvicorn  # noqa: E402
 
@@ -33,9 +32,7 @@ def test_a_user_chats_and_generates_in_the_browser(tmp_path):
     torch.manual_seed(0)
     OmniMamba(preset("shapes-tiny"), backend="reference").save_pretrained(tmp_path / "m", tokenizer=TextTokenizer.shapes())
     model = OmniMamba.from_pretrained(tmp_path / "m")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(model), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

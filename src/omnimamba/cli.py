@@ -80,12 +80,14 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(args: argparse.Namespace):
+def _load_model(args: argparse.Namespace, need_tokenizer: bool = False):
     import torch
 
     from .model import OmniMamba
 
     model = OmniMamba.from_pretrained(args.model)
+    if need_tokenizer and model.tokenizer is None:
+        raise UserError(f"{args.model}: the model folder has no tokenizer.json")
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -226,9 +228,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .serving.app import create_app
     except ImportError as e:
         raise UserError(f"serving needs FastAPI and uvicorn: pip install 'omnimamba[serve]' ({e})") from None
-    model = _load_model(args)
-    if model.tokenizer is None:
-        raise UserError(f"{args.model}: the model folder has no tokenizer.json")
+    model = _load_model(args, need_tokenizer=True)
     app = create_app(model, max_batch=args.max_batch, max_queue=args.max_queue, request_timeout=args.request_timeout)
     if args.verb == "demo":
         print(f"the demo: open http://{args.host}:{args.port}/ in a browser (Ctrl-C stops it)")
@@ -273,9 +273,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.benchmark == "shapes":
         return cmd_evaluate(args)
-    model = _load_model(args)
-    if model.tokenizer is None:
-        raise UserError(f"{args.model}: the model folder has no tokenizer.json")
+    model = _load_model(args, need_tokenizer=True)
     opt = b.EvalOptions(Path(args.out or f"runs/eval/{args.benchmark}"), args.limit, args.batch_size,
                         getattr(args, "max_new_tokens", 32), progress=not args.quiet,
                         data=" ".join(str(x) for x in _benchmark_inputs(args)))

@@ -31,10 +31,15 @@ def writing(path: str | Path, what: str = "file"):
         raise
 
 
-def read_json(path: str | Path, what: str = "JSON file") -> object:
+def _existing(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
+    return path
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> object:
+    path = _existing(path, what)
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -45,9 +50,7 @@ def read_safetensors(path: str | Path, what: str = "weights") -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
+    path = _existing(path, what)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:  # a truncated, empty or foreign file
@@ -58,9 +61,7 @@ def torch_load_weights(path: str | Path, what: str = "weights") -> object:
     """torch.load with weights_only=True: tensors and plain containers, never arbitrary pickled code."""
     import torch
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
+    path = _existing(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -96,6 +97,18 @@ def write_manifest(folder: str | Path) -> Path:
         fsync_file(tmp)
         os.replace(tmp, folder / MANIFEST)
     return folder / MANIFEST
+
+
+@contextmanager
+def manifested_folder(path: str | Path, what: str):
+    """Write a folder's files inside the block: its old manifest goes first (until the new one, the folder is
+    not vouched for), the new one is written last; write errors are reported as `writing` does."""
+    path = Path(path)
+    with writing(path, what):
+        path.mkdir(parents=True, exist_ok=True)
+        (path / MANIFEST).unlink(missing_ok=True)
+        yield path
+        write_manifest(path)
 
 
 def verify_manifest(folder: str | Path, required: bool = True) -> list[str]:

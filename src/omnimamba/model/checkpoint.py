@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
-from ..fileio import MANIFEST, read_json, require_intact, write_manifest, writing
+from ..fileio import manifested_folder, read_json, require_intact
 from ..vision.vq import VQModel
 from .config import OmniMambaConfig
 
@@ -23,9 +23,7 @@ class CheckpointMixin:
         from safetensors.torch import save_file, save_model
 
         path = Path(path)
-        with writing(path, "model folder"):
-            path.mkdir(parents=True, exist_ok=True)
-            (path / MANIFEST).unlink(missing_ok=True)  # until the new manifest, the folder is not vouched for
+        with manifested_folder(path, "model folder"):
             (path / "config.json").write_text(json.dumps({"omnimamba": self.config.to_dict()}, indent=2) + "\n")
             if state_dict is None:
                 save_model(self, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -36,7 +34,6 @@ class CheckpointMixin:
             tokenizer = tokenizer or self.tokenizer
             if tokenizer is not None:
                 tokenizer.save(path / "tokenizer.json")
-            write_manifest(path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, backend: str = "auto") -> "OmniMamba":

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from ..errors import UserError
 from ..model import PRESETS, OmniMamba, preset
 from ..tokenizer import TextTokenizer
-from ..fileio import MANIFEST, read_json, verify_manifest, writing
+from ..fileio import read_json, verify_manifest, writing
 from . import faults
 from .checkpoint import load_checkpoint, newest_intact, save_checkpoint
 from .config import StageConfig, TrainConfig
@@ -130,8 +130,7 @@ class Trainer:
 
     def _vq_done(self) -> bool:
         """The tokenizer this run trained is complete on disk (its manifest written last, and matching)."""
-        vq_dir = self.out / "vq"
-        return (vq_dir / MANIFEST).is_file() and not verify_manifest(vq_dir)
+        return not verify_manifest(self.out / "vq", required=True)
 
     def _init_understanding(self) -> None:
         if self.model.init_understanding_from_vq():
@@ -377,7 +376,7 @@ class Trainer:
             with writing(path, "metrics log"):
                 path.write_text("".join(line + "\n" for line in kept))
         # TensorBoard drops its own events past the restart when the writer opens
-        self._tb_purge_step = k * 10_000_000 + s + 1 if start else 0
+        self._tb_purge_step = _tb_step(k, s) + 1 if start else 0
 
     def _log_metrics(self, rec: dict, index: int | None) -> None:
         """A record to metrics.jsonl and, for stage `index` (None: the tokenizer, not drawn there), TensorBoard."""
@@ -396,7 +395,7 @@ class Trainer:
             self._metrics.write(json.dumps(rec) + "\n")
             self._metrics.flush()
         if self._tb is not None and index is not None:
-            global_step = index * 10_000_000 + rec["step"]
+            global_step = _tb_step(index, rec["step"])
             for k, v in rec.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self._tb.add_scalar(f"{rec['stage']}/{k}", v, global_step)
@@ -450,6 +449,11 @@ class Trainer:
             self._metrics = None
         if self._tb is not None:
             self._tb.close()
+
+
+def _tb_step(stage_index: int, step: int) -> int:
+    """TensorBoard's one step axis over all stages: stage k's step s."""
+    return stage_index * 10_000_000 + step
 
 
 def _preset_with(name: str, overrides: dict):

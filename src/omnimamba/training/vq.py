@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..fileio import MANIFEST, read_json, read_safetensors, require_intact, write_manifest, writing
+from ..fileio import manifested_folder, read_json, read_safetensors, require_intact
 from ..vision.vq import VQConfig, VQModel
 from ..data.formats import images_to_tensor
 
@@ -91,12 +91,9 @@ def save_vq(vq: VQModel, path: str | Path) -> None:
     from safetensors.torch import save_file
 
     path = Path(path)
-    with writing(path, "VQ tokenizer folder"):
-        path.mkdir(parents=True, exist_ok=True)
-        (path / MANIFEST).unlink(missing_ok=True)
+    with manifested_folder(path, "VQ tokenizer folder"):
         (path / "config.json").write_text(json.dumps({"vq": dataclasses.asdict(vq.config)}, indent=1))
         save_file({k: v.contiguous().cpu() for k, v in vq.state_dict().items()}, str(path / "model.safetensors"))
-        write_manifest(path)
 
 
 def load_vq(path: str | Path, config: VQConfig | None = None) -> VQModel:
