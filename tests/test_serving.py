@@ -219,3 +219,15 @@ def test_image_generation_streams_its_progress(client):
     progress = [m["progress"] for m in msgs]
     assert progress == sorted(progress) and progress[-1] == 1.0 and all(0 <= p <= 1 for p in progress)
     assert msgs[-1]["data"] == client.post("/v1/images/generations", json=body).json()["data"]
+
+
+def test_closing_the_batcher_ends_every_request_it_holds(model):
+    tok = model.tokenizer
+    batcher = TextBatcher(model, max_batch=1)
+    reqs = [batcher.submit(TextRequest(pixels=to_pixels([image(k)], 64), ids=prompt_ids(tok, QUESTIONS[k]),
+                                       max_tokens=10_000)) for k in range(3)]  # one decoding, two waiting
+    batcher.close()
+    for r in reqs:  # each request ends (an unreleased one would raise queue.Empty here)
+        while r.tokens.get(timeout=30) is not None:
+            pass
+    assert reqs[-1].finish_reason == "cancelled" and batcher.batch_size == 0 and batcher.queue_length == 0

@@ -142,8 +142,12 @@ class ContinuousBatcher:
                     for slot in self.slots:
                         self._fail(slot.item, e)
                     self.slots = []
-        for slot in self.slots:
-            self._fail(slot.item, None)
+        # Stopped: whatever is decoding or still waiting ends as cancelled, so no client waits forever.
+        with self._wake:
+            left = [slot.item for slot in self.slots] + list(self.waiting)
+            self.slots, self.waiting = [], collections.deque()
+        for item in left:
+            self._fail(item, None)
 
     def _turn(self) -> None:
         self._admit()
