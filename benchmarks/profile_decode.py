@@ -62,22 +62,22 @@ def main() -> None:
         print(f"in_proj as one GEMM at batch {b}: {gemv_bandwidth(c.d_in_proj, c.d_model, b) / 1e12:.2f} TB/s; "
               f"out_proj: {gemv_bandwidth(c.d_model, c.d_inner, b) / 1e12:.2f} TB/s")
         tokens = torch.zeros(b, dtype=torch.long, device="cuda")
-        for kind, inputs in (("text", (tokens,)), ("image", (tokens, tokens))):
+        for kind, inputs in (("text", (tokens, tokens)), ("image", (tokens, tokens))):
             runner = model._step_runner(kind, b, torch.device("cuda"), True)
             print(f"batch {b} {kind} step, graphed, LoRA route as two extra GEMMs: {replay_ms(runner, inputs):.3f} ms")
         model.merge_lora("mmu")
         runner = model._step_runner("text", b, torch.device("cuda"), True)
         # generation runs in_proj on merged copies (decode_with_merged_lora): the same GEMM count as this
-        print(f"batch {b} text step, graphed, LoRA merged: {replay_ms(runner, (tokens,)):.3f} ms")
+        print(f"batch {b} text step, graphed, LoRA merged: {replay_ms(runner, (tokens, tokens)):.3f} ms")
         model.unmerge_lora()
 
         eager = model._step_runner("text", b, torch.device("cuda"), False)
         for _ in range(3):
-            eager(tokens)
+            eager(tokens, tokens)
         steps = 5
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
-                eager(tokens)
+                eager(tokens, tokens)
             torch.cuda.synchronize()
         per_name = defaultdict(lambda: [0.0, 0])
         for e in prof.events():

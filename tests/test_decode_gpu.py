@@ -56,7 +56,7 @@ def teacher_forced_logits(model, pixels, prompt, tokens, graph):
         for t in range(tokens.size(1)):
             out.append(model.text_logits(hidden).float().masked_fill(specials, float("-inf")))
             if t < tokens.size(1) - 1:
-                hidden = runner(tokens[:, t])
+                hidden = runner(tokens[:, t], torch.full_like(tokens[:, t], x.size(1) + t))
     return torch.stack(out, 1)
 
 

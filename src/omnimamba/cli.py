@@ -149,6 +149,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .fileio import writing
 
     model = _load_model(args)
+    # Settings left unset take the model's defaults (the official release's are greedy, without guidance).
     images = model.generate_images([args.prompt] * args.n, guidance_scale=args.guidance, temperature=args.temperature,
                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                                    progress=True)
@@ -164,14 +165,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+def _sampling_args(p: argparse.ArgumentParser, temperature: float | None) -> None:
+    """temperature None: the sampling settings default to the model's (see OmniMambaConfig.image_sampling)."""
     p.add_argument("--model", default="runs/quickstart/stage2-unified",
                    help="model directory (default: the quickstart's, runs/quickstart/stage2-unified)")
+    model_default = "the model's: 1, or 1 with top-k 1 for official weights"
     p.add_argument("--temperature", type=_non_negative_float, default=temperature,
-                   help=f"sampling temperature, 0 = greedy (default: {temperature:g})")
-    p.add_argument("--top-k", type=_non_negative_int, default=0,
-                   help="keep the k most likely tokens, 0 = all (default: 0)")
-    p.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling mass, in (0, 1] (default: 1.0)")
+                   help=f"sampling temperature, 0 = greedy (default: {model_default if temperature is None else temperature})")
+    p.add_argument("--top-k", type=_non_negative_int, default=None if temperature is None else 0,
+                   help="keep the k most likely tokens, 0 = all (default: "
+                        f"{'0, or 1 for official weights' if temperature is None else 0})")
+    p.add_argument("--top-p", type=_probability, default=None if temperature is None else 1.0,
+                   help="nucleus sampling mass, in (0, 1] (default: 1.0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
 
@@ -382,11 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate images from a text prompt (PNGs and a grid)")
     p.add_argument("prompt", help="the text prompt, e.g. \"two red circles\"")
     p.add_argument("--n", type=_positive_int, default=4, help="number of images (default: 4)")
-    p.add_argument("--guidance", type=_non_negative_float, default=3.0,
-                   help="classifier-free guidance scale, 1 = off (default: 3.0)")
+    p.add_argument("--guidance", type=_non_negative_float, default=None,
+                   help="classifier-free guidance scale, 1 = off (default: 3.0; 1 for official weights)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch (default: 16)")
     p.add_argument("--out", default="generated", help="output directory (default: generated)")
-    _sampling_args(p, temperature=1.0)
+    _sampling_args(p, temperature=None)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("evaluate", help="score a model on the Shapes test and held-out splits, with baselines")
@@ -531,6 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list the Mamba-2 presets and their parameter counts")
     p.set_defaults(func=cmd_presets)
+
+    from .cli_convert import add_parser as add_convert
+
+    add_convert(sub)
     return parser
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from .data.formats import images_to_tensor, load_image, pil_to_array
 from .vision.vq import to_uint8
 from .errors import UserError
-from .sequence import mmu_prompt, pad_left, t2i_prefix
+from .sequence import OFFICIAL_NULL_PROMPT, mmu_prompt, pad_left, t2i_prefix
 
 
 def to_pixels(images, size: int) -> Tensor:
@@ -37,11 +37,14 @@ def to_pixels(images, size: int) -> Tensor:
 
 
 def prompt_ids(tokenizer, question: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
-    """The text part of an MMU prompt: earlier (question, answer) turns, then the new question."""
+    """The text part of an MMU prompt: earlier (question, answer) turns, then the new question. Official
+    conventions end each earlier answer with end-of-text, as its conversation template does."""
     ids: list[int] = []
+    official = tokenizer.conventions == "official"
     for q, a in history:
-        ids += tokenizer.encode(mmu_prompt(q)) + tokenizer.encode(" " + a.strip())
-    return ids + tokenizer.encode(mmu_prompt(question))
+        ids += tokenizer.encode(mmu_prompt(q, tokenizer.conventions)) + tokenizer.encode(" " + a.strip())
+        ids += [tokenizer.special.end] if official else []
+    return ids + tokenizer.encode(mmu_prompt(question, tokenizer.conventions))
 
 
 def _model_device(model) -> torch.device:
@@ -68,7 +71,7 @@ def answer(model, tokenizer, images, questions, max_new_tokens: int = 64, temper
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = _model_device(model)
     pixels = to_pixels(images, model.config.understanding.image_size).to(device)
-    ids, mask = pad_left([prompt_ids(tokenizer, q, history) for q in questions], tokenizer.special.eot)
+    ids, mask = pad_left([prompt_ids(tokenizer, q, history) for q in questions], tokenizer.special.pad)
     steps = model.generate_text(pixels, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stream=True)
     pieces = _text_pieces(tokenizer, steps, len(questions))
@@ -82,7 +85,7 @@ def answer(model, tokenizer, images, questions, max_new_tokens: int = 64, temper
 
 def _text_pieces(tokenizer, steps: Iterator[Tensor], n: int) -> Iterator[list[str]]:
     """Turn token steps into text increments: decode(all so far) minus decode(all before)."""
-    eot = tokenizer.special.eot
+    end = tokenizer.special.end
     tokens: list[list[int]] = [[] for _ in range(n)]
     done = [False] * n
     shown = ["" for _ in range(n)]
@@ -90,7 +93,7 @@ def _text_pieces(tokenizer, steps: Iterator[Tensor], n: int) -> Iterator[list[st
         out = []
         for i, t in enumerate(step.tolist()):
             if not done[i]:
-                if t == eot:
+                if t == end:
                     done[i] = True
                 else:
                     tokens[i].append(t)
@@ -100,10 +103,18 @@ def _text_pieces(tokenizer, steps: Iterator[Tensor], n: int) -> Iterator[list[st
         yield out
 
 
-def generate_images(model, tokenizer, prompts, guidance_scale: float = 3.0, temperature: float = 1.0,
-                    top_k: int = 0, top_p: float = 1.0, seed: int | None = None, batch_size: int = 16,
-                    progress: bool = False) -> list:
-    """Images (PIL) for `prompts` (a string or a list). guidance_scale 1 turns classifier-free guidance off."""
+def null_prefix(tokenizer, max_caption_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The unconditional row of a guided generation for a model without a learned null caption: the
+    official release's null prompt, as (ids, mask, caption mask) of one row."""
+    ids, caption = t2i_prefix(tokenizer, OFFICIAL_NULL_PROMPT, max_caption_tokens)
+    return torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), torch.tensor([caption])
+
+
+def generate_images(model, tokenizer, prompts, guidance_scale: float | None = None, temperature: float | None = None,
+                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                    batch_size: int = 16, progress: bool = False) -> list:
+    """Images (PIL) for `prompts` (a string or a list). guidance_scale 1 turns classifier-free guidance off.
+    Sampling settings left None take the model's defaults (`config.image_sampling`)."""
     from PIL import Image
     from tqdm import tqdm
 
@@ -111,19 +122,23 @@ def generate_images(model, tokenizer, prompts, guidance_scale: float = 3.0, temp
         prompts = [prompts]
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    given = {"guidance_scale": guidance_scale, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    sampling = {k: v if given[k] is None else given[k] for k, v in model.config.image_sampling.items()}
     device = _model_device(model)
     prefixes = [t2i_prefix(tokenizer, p, model.config.max_caption_tokens) for p in prompts]
+    null = None
+    if model.caption_embed.null_caption is None:
+        null = null_prefix(tokenizer, model.config.max_caption_tokens)
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prefixes[start:start + batch_size]
-        ids, mask = pad_left([c[0] for c in chunk], tokenizer.special.eot)
+        ids, mask = pad_left([c[0] for c in chunk], tokenizer.special.pad)
         cap, _ = pad_left([c[1] for c in chunk], False)
         bar = (lambda it: tqdm(it, desc=f"image tokens {start + 1}-{start + len(chunk)}/{len(prompts)}",
                                leave=False)) if progress else None
-        codes = model.generate_image_codes(ids.to(device), mask.to(device), cap.bool().to(device),
-                                           guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
-                                           top_p=top_p, seed=None if seed is None else seed + start,
-                                           progress=bar)
+        codes = model.generate_image_codes(ids.to(device), mask.to(device), cap.bool().to(device), **sampling,
+                                           seed=None if seed is None else seed + start, progress=bar,
+                                           null_prefix=null)
         with torch.no_grad():
             pixels = model.vq.decode(codes)
         out += [Image.fromarray(a) for a in to_uint8(pixels)]

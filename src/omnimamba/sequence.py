@@ -19,6 +19,14 @@ from torch import Tensor
 SPECIAL_TOKENS = ("[MMU]", "[T2I]", "[SOI]", "[EOI]", "[SOT]", "[EOT]")
 IGNORE_INDEX = -100
 
+# The official release's conventions (hustvl/OmniMamba, models/cobra/prompting_utils.py and mamba_vlm.py): a
+# [PAD] token, then nine tokens, after GPT-NeoX's vocabulary; three of them (<|soc|>, <|eoc|>, <|lvg|>) are
+# unused by its two tasks but hold their ids.
+OFFICIAL_SPECIAL_TOKENS = ("[PAD]", "<|soi|>", "<|eoi|>", "<|sot|>", "<|eot|>", "<|t2i|>", "<|mmu|>", "<|soc|>",
+                           "<|eoc|>", "<|lvg|>")
+OFFICIAL_NULL_PROMPT = "A picture"  # util/coco_dataset.py: the caption of an unconditional image
+CONVENTIONS = ("omnimamba", "official")
+
 
 @dataclass(frozen=True)
 class SpecialIds:
@@ -28,14 +36,44 @@ class SpecialIds:
     eoi: int
     sot: int
     eot: int
+    pad: int = -1  # what fills padding; -1: [EOT]
+    end: int = -1  # the token that ends an answer; -1: [EOT]
+
+    def __post_init__(self) -> None:
+        for name in ("pad", "end"):
+            if getattr(self, name) < 0:
+                object.__setattr__(self, name, self.eot)
+
+    @property
+    def task_tokens(self) -> tuple[int, ...]:
+        return self.mmu, self.t2i, self.soi, self.eoi, self.sot, self.eot
 
     @classmethod
     def after(cls, base_vocab_size: int) -> "SpecialIds":
         return cls(*(base_vocab_size + i for i in range(len(SPECIAL_TOKENS))))
 
+    @classmethod
+    def official_after(cls, base_vocab_size: int, eos_id: int) -> "SpecialIds":
+        """The official ids: [PAD] at base_vocab_size, then OFFICIAL_SPECIAL_TOKENS in order; an answer ends at
+        the base tokenizer's end-of-text token (its inference_mmu.py stops at eos_token_id)."""
+        at = {t: base_vocab_size + i for i, t in enumerate(OFFICIAL_SPECIAL_TOKENS)}
+        return cls(mmu=at["<|mmu|>"], t2i=at["<|t2i|>"], soi=at["<|soi|>"], eoi=at["<|eoi|>"], sot=at["<|sot|>"],
+                   eot=at["<|eot|>"], pad=at["[PAD]"], end=eos_id)
 
-def mmu_prompt(question: str) -> str:
-    """The answer template, used by training and inference alike: one turn of a conversation."""
+
+def check_conventions(conventions: str) -> str:
+    if conventions not in CONVENTIONS:
+        from .errors import UserError
+
+        raise UserError(f"unknown conventions {conventions!r}; known: {list(CONVENTIONS)}")
+    return conventions
+
+
+def mmu_prompt(question: str, conventions: str = "omnimamba") -> str:
+    """The answer template, used by training and inference alike: one turn of a conversation. The official
+    release uses its "phi1.5" conversation template (empty system prompt, stripped)."""
+    if check_conventions(conventions) == "official":
+        return f"USER: {question.strip()} ASSISTANT:"
     return f"user: {question.strip()} assistant:"
 
 
@@ -50,12 +88,12 @@ def mmu_example(tokenizer, turns: list[tuple[str, str]]) -> MMUExample:
     ids: list[int] = []
     labels: list[int] = []
     for question, answer in turns:
-        prompt = tokenizer.encode(mmu_prompt(question))
+        prompt = tokenizer.encode(mmu_prompt(question, tokenizer.conventions))
         reply = tokenizer.encode(" " + answer.strip())
         ids += prompt + reply
         labels += [IGNORE_INDEX] * len(prompt) + reply
-    ids.append(tokenizer.special.eot)
-    labels.append(tokenizer.special.eot)
+    ids.append(tokenizer.special.end)
+    labels.append(tokenizer.special.end)
     return MMUExample(ids, labels)
 
 
@@ -65,7 +103,9 @@ def mmu_prefix_ids(special: SpecialIds) -> tuple[list[int], list[int]]:
 
 
 def t2i_prefix(tokenizer, caption: str, max_caption_tokens: int) -> tuple[list[int], list[bool]]:
-    """[T2I][SOT]{caption}[EOT][SOI] and a mask marking the caption's own tokens (what CFG drops)."""
+    """[T2I][SOT]{caption}[EOT][SOI] and a mask marking the caption's own tokens (what CFG drops). Official
+    conventions fill the caption's max_caption_tokens slots in front with [PAD] tokens, which the model reads
+    as input (its inference_t2i.py), so every prefix has the same length."""
     s = tokenizer.special
     text = tokenizer.encode(caption)
     if len(text) > max_caption_tokens:
@@ -73,8 +113,9 @@ def t2i_prefix(tokenizer, caption: str, max_caption_tokens: int) -> tuple[list[i
 
         raise UserError(f"caption has {len(text)} tokens; this model accepts at most {max_caption_tokens}: "
                         f"{caption[:80]!r}")
-    ids = [s.t2i, s.sot, *text, s.eot, s.soi]
-    return ids, [False, False] + [True] * len(text) + [False, False]
+    pad = [s.pad] * (max_caption_tokens - len(text)) if tokenizer.conventions == "official" else []
+    ids = [s.t2i, s.sot, *pad, *text, s.eot, s.soi]
+    return ids, [False, False] + [False] * len(pad) + [True] * len(text) + [False, False]
 
 
 def pad_right(seqs: list[list[int]], value: int) -> Tensor:
@@ -98,7 +139,7 @@ class MMUBatch:
 
     @classmethod
     def collate(cls, pixel_values: Tensor, examples: list[MMUExample], special: SpecialIds) -> "MMUBatch":
-        return cls(pixel_values, pad_right([e.text_ids for e in examples], special.eot),
+        return cls(pixel_values, pad_right([e.text_ids for e in examples], special.pad),
                    pad_right([e.labels for e in examples], IGNORE_INDEX))
 
     def to(self, device) -> "MMUBatch":
@@ -116,7 +157,7 @@ class T2IBatch:
     @classmethod
     def collate(cls, prefixes: list[tuple[list[int], list[bool]]], image_codes: Tensor,
                 special: SpecialIds, drop: list[bool] | None = None) -> "T2IBatch":
-        ids, mask = pad_left([p[0] for p in prefixes], special.eot)
+        ids, mask = pad_left([p[0] for p in prefixes], special.pad)
         cap, _ = pad_left([p[1] for p in prefixes], False)
         return cls(ids, mask, cap.bool(), image_codes, None if drop is None else torch.tensor(drop))
 

@@ -1,5 +1,6 @@
-"""Saving and loading OmniMamba: its own directories (config.json + model.safetensors + tokenizer.json) and
-a preset assembled from separately supplied upstream weights."""
+"""Saving and loading OmniMamba: its own directories (config.json + model.safetensors + tokenizer.json), the
+official release's checkpoint (see official.py), and a preset assembled from separately supplied upstream
+weights."""
 
 from __future__ import annotations
 
@@ -40,7 +41,11 @@ class CheckpointMixin:
         from safetensors import SafetensorError
         from safetensors.torch import load_model
 
+        from .official import is_official, load_official
+
         path = Path(path)
+        if is_official(path):  # the release's checkpoint (file, or folder without our config.json)
+            return load_official(path, backend=backend)
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
             raise UserError(f"{path}: not an OmniMamba model directory (no config.json)")

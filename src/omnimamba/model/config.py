@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from ..errors import UserError
 from ..mamba2 import Mamba2Config
 from ..mamba2 import preset as mamba2_preset
-from ..sequence import SpecialIds
+from ..sequence import OFFICIAL_SPECIAL_TOKENS, SPECIAL_TOKENS, SpecialIds, check_conventions
 from ..vision.understanding import UnderstandingConfig
 from ..vision.vq import VQConfig
 
@@ -28,8 +28,20 @@ class OmniMambaConfig:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     decoupled_vocab: bool = True
+    # "official": the release's tokens ([PAD] + nine after the base vocabulary, answers end at end-of-text),
+    # its prompt templates, captions padded with [PAD] tokens the model reads, no learned null caption (its
+    # unconditional caption is the text "A picture"). See omnimamba.sequence.
+    conventions: str = "omnimamba"
+    text_eos_id: int = 0           # official conventions: the base tokenizer's end-of-text id (GPT-NeoX: 0)
+    mmu_positions: int = 0         # learned positions added to the MMU sequence (official release: 1500)
 
     def __post_init__(self) -> None:
+        check_conventions(self.conventions)
+        if self.conventions == "official" and self.caption_dropout > 0:
+            raise UserError("OmniMambaConfig: official conventions have no learned null caption to drop captions "
+                            "to; set caption_dropout to 0")
+        if self.mmu_positions < 0:
+            raise UserError(f"OmniMambaConfig.mmu_positions must be >= 0, got {self.mmu_positions}")
         need = self.text_vocab_size + (0 if self.decoupled_vocab else self.vq.codebook_size)
         if not self.decoupled_vocab and self.backbone.vocab_size < need:
             # Unified-vocabulary ablation: the codebook is appended to the text vocabulary.
@@ -46,10 +58,13 @@ class OmniMambaConfig:
 
     @property
     def text_vocab_size(self) -> int:
-        return self.text_base_vocab_size + 6
+        added = SPECIAL_TOKENS if self.conventions == "omnimamba" else OFFICIAL_SPECIAL_TOKENS
+        return self.text_base_vocab_size + len(added)
 
     @property
     def special(self) -> SpecialIds:
+        if self.conventions == "official":
+            return SpecialIds.official_after(self.text_base_vocab_size, self.text_eos_id)
         return SpecialIds.after(self.text_base_vocab_size)
 
     @property
@@ -60,6 +75,14 @@ class OmniMambaConfig:
     def t2i_length(self) -> int:
         """Longest T2I sequence: [T2I][SOT]{caption}[EOT][SOI]{codes}[EOI]."""
         return 5 + self.max_caption_tokens + self.image_tokens
+
+    @property
+    def image_sampling(self) -> dict:
+        """Default image sampling: ours (guidance 3, full distribution), or the official inference_t2i.py's
+        (greedy, top_k 1, no guidance)."""
+        if self.conventions == "official":
+            return {"guidance_scale": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0}
+        return {"guidance_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
     def replace(self, **changes) -> "OmniMambaConfig":
         return dataclasses.replace(self, **changes)
@@ -111,6 +134,12 @@ def shapes_config(size: str = "tiny", text_base_vocab_size: int | None = None) -
 PRESETS = {
     # The paper: Mamba-2-1.3B, DINOv2 + SigLIP at 384 px, LlamaGen VQ-16 at 256 px (256 image tokens).
     "omnimamba-1.3b": lambda: OmniMambaConfig(),
+    # The official release's checkpoint (hustvl/OmniMamba, OmniMamba-1.3b.pth): the same model read with its
+    # own conventions: GPT-NeoX + [PAD] + nine tokens (50,287, embedding padded to 50,288), MMU positions.
+    "omnimamba-1.3b-official": lambda: OmniMambaConfig(
+        backbone=mamba2_preset("mamba2-1.3b", vocab_size=50287),
+        conventions="official", mmu_positions=1500, caption_dropout=0.0,
+    ),
     # The paper's ablations (section 4.6): Mamba-2-370M, CLIP at 224 px.
     "omnimamba-370m-ablation": lambda: OmniMambaConfig(
         backbone=mamba2_preset("mamba2-370m", vocab_size=50283),

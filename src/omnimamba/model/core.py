@@ -8,6 +8,7 @@
     image_head          head over the K image codes (decoupled vocabularies, section 3.3)
     t2i_pos_embed       learned positions over the T2I sequence (official release)
     caption_embed       MLP over the caption's text embeddings, with a learned null caption for CFG
+    mmu_pos_embed       learned positions over the MMU sequence (official release; config.mmu_positions)
     vq                  the LlamaGen VQ tokenizer (frozen): images <-> codes
 
 Ablation switches (Table 4): `decoupled_vocab=False` puts image codes into the text vocabulary (one
@@ -53,7 +54,10 @@ class OmniMamba(GenerationMixin, CheckpointMixin, nn.Module):
             self.image_embedding = ImageTokenEmbedding(c.vq.codebook_size, d)
             self.image_head = nn.Linear(d, c.vq.codebook_size, bias=False)
         self.t2i_pos_embed = nn.Parameter(torch.randn(1, c.t2i_length, d) * 0.02)
-        self.caption_embed = CaptionEmbedder(d, c.max_caption_tokens)
+        self.caption_embed = CaptionEmbedder(d, c.max_caption_tokens,
+                                             learned_null=c.conventions == "omnimamba")
+        if c.mmu_positions:
+            self.mmu_pos_embed = nn.Parameter(torch.randn(1, c.mmu_positions, d) * 0.02)
         self.vq = VQModel(c.vq)
         self.vq.requires_grad_(False)
         self._init_backbone()
@@ -126,11 +130,22 @@ class OmniMamba(GenerationMixin, CheckpointMixin, nn.Module):
         image = self.encode_images(pixel_values).to(pre.dtype)
         return torch.cat([pre, image, mid, emb(text_ids)], dim=1)
 
+    def mmu_positions(self, positions: Tensor) -> Tensor:
+        """Learned MMU position embeddings at `positions` (any shape), zeros for a model without them."""
+        n = self.config.mmu_positions
+        if not n:
+            return torch.zeros((), device=positions.device)
+        if positions.numel() and int(positions.max()) >= n:
+            raise UserError(f"MMU sequence longer than the model's {n} positions (image, prompt and answer "
+                            f"together); shorten the prompt or max_new_tokens")
+        return self.mmu_pos_embed[0][positions]
+
     def forward_mmu(self, batch: MMUBatch, reduction: str = "mean") -> tuple[Tensor, ...]:
         """(logits over the text part (b, T, text_vocab), mean loss on the answer tokens); with
         reduction='sum': (logits, summed loss, number of target tokens)."""
         self._check_text_ids(batch.text_ids)
         x = self.mmu_embeddings(batch.pixel_values, batch.text_ids)
+        x = x + self.mmu_positions(torch.arange(x.size(1), device=x.device)).to(x.dtype)
         hidden = self.backbone(x, task=self._route("mmu"))
         T = batch.text_ids.size(1)
         # The hidden state before text token t predicts it: positions -T-1 .. -2.
@@ -254,7 +269,8 @@ class OmniMamba(GenerationMixin, CheckpointMixin, nn.Module):
     def _require_tokenizer(self):
         if self.tokenizer is None:
             raise UserError("this model has no tokenizer: set model.tokenizer = TextTokenizer.from_file(...) "
-                            "or load a directory that holds tokenizer.json")
+                            "or load a directory that holds tokenizer.json (for the official weights: "
+                            "GPT-NeoX-20B's tokenizer.json beside the checkpoint)")
         return self.tokenizer
 
     def answer(self, image, question, **kwargs):

@@ -28,15 +28,22 @@ class CaptionEmbedder(nn.Module):
     """MLP over the caption's text embeddings (LlamaGen/AiM style); dropped captions become a learned
     null caption, one vector per caption position, which is what classifier-free guidance conditions on."""
 
-    def __init__(self, d_model: int, max_caption_tokens: int):
+    def __init__(self, d_model: int, max_caption_tokens: int, learned_null: bool = True):
         super().__init__()
         self.fc1 = nn.Linear(d_model, d_model, bias=False)
         self.fc2 = nn.Linear(d_model, d_model, bias=False)
-        self.null_caption = nn.Parameter(torch.randn(max_caption_tokens, d_model) / d_model ** 0.5)
+        # The official release has none: its unconditional caption is a text ("A picture").
+        self.null_caption = (nn.Parameter(torch.randn(max_caption_tokens, d_model) / d_model ** 0.5)
+                             if learned_null else None)
 
     def forward(self, embeds: Tensor, caption_mask: Tensor, drop: Tensor | None) -> Tensor:
         """embeds (b, P, d); caption_mask (b, P) True on caption tokens; drop (b,) True to drop."""
         if drop is not None and bool(drop.any()):
+            if self.null_caption is None:
+                from ..errors import UserError
+
+                raise UserError("this model has no learned null caption (official conventions): guidance runs "
+                                "its unconditional rows on the null prompt's text instead")
             # position of each caption token within its caption: 0, 1, 2, ...
             idx = (caption_mask.long().cumsum(1) - 1).clamp(min=0)
             null = self.null_caption[idx]

@@ -59,7 +59,7 @@ class GenerationMixin:
 
     def _step_runner(self, kind: str, batch_size: int, device: torch.device, use_cuda_graph: bool | None
                      ) -> StepRunner:
-        """The decode step of `kind` ('text': token -> hidden; 'image': (code, position) -> hidden) over a
+        """The decode step of `kind` ('text' and 'image': (token, its position) -> hidden) over a
         cache of `batch_size` rows. Graphed runners are kept and reused (capture once per batch size and
         task); an eager one, or a graphed one already in use by another generation, gets a fresh cache."""
         route = self._route("mmu" if kind == "text" else "t2i")
@@ -69,9 +69,12 @@ class GenerationMixin:
             cache = self.allocate_cache(batch_size, device, ssm_dtype=self.decode_state_dtype)
             zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
             if kind == "text":
-                def fn(tokens):
-                    return self.backbone.step(self.backbone.embedding(tokens), cache, task=route)
-                return StepRunner(fn, cache, (zeros,), use_graph)
+                def fn(tokens, positions):
+                    emb = self.backbone.embedding(tokens)
+                    if self.config.mmu_positions:
+                        emb = emb + self.mmu_pos_embed[0][positions].to(emb.dtype)
+                    return self.backbone.step(emb, cache, task=route)
+                return StepRunner(fn, cache, (zeros, zeros), use_graph)
 
             def fn(codes, positions):
                 emb = self.embed_image_codes(codes) + self.t2i_pos_embed[0][positions]
@@ -93,7 +96,8 @@ class GenerationMixin:
                       max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                       seed: int | None = None, stream: bool = False, stop_at_eot: bool = True,
                       use_cuda_graph: bool | None = None):
-        """MMU: answer tokens (b, new) after [MMU][SOI]{image}[EOI][SOT]{prompt}; stops at [EOT] (unless
+        """MMU: answer tokens (b, new) after [MMU][SOI]{image}[EOI][SOT]{prompt}; stops at the answer's end
+        token, special.end (unless
         stop_at_eot=False, which generates max_new_tokens whatever comes, for benchmarks).
 
         prompt_ids (b, T) left-padded with prompt_mask. With stream=True, yields each step's tokens (b,).
@@ -120,32 +124,37 @@ class GenerationMixin:
         # mask makes it leave the state exactly as if it were not there.
         mask = torch.cat([torch.ones(b, n_img, dtype=prompt_mask.dtype, device=x.device), prompt_mask], 1)
         mask, x = self._move_padding_left(mask, x)
+        # Each real token's position counts real tokens only (the official release runs one unpadded row).
+        position = mask.cumsum(1) - 1
+        x = x + (self.mmu_positions(position.clamp(min=0)) * mask[..., None]).to(x.dtype)
+        next_position = position[:, -1] + 1
+        self.mmu_positions(next_position + max_new_tokens - 2)  # fail before decoding, not midway
         device = x.device
         with self._decoder("text", b, device, use_cuda_graph) as runner:
             hidden = self.backbone(x, cache=runner.cache, mask=mask, task=self._route("mmu"))[:, -1].clone()
             del x, mask  # nothing as long as the prompt outlives the prefill: decoding memory stays constant
             generator = make_generator(seed, device)
             finished = torch.zeros(b, dtype=torch.bool, device=device)
-            eot = self.special.eot
+            end = self.special.end
             for i in range(max_new_tokens):
                 token = sample_next_token(self.answer_logits(hidden), temperature, top_k, top_p, generator)
                 if stop_at_eot:
-                    token = token.masked_fill(finished, eot)
-                    finished |= token == eot
+                    token = token.masked_fill(finished, end)
+                    finished |= token == end
                 yield token
                 if stop_at_eot and bool(finished.all()):
                     return
                 if i < max_new_tokens - 1:
-                    hidden = runner(token)
+                    hidden = runner(token, next_position + i)
 
     def answer_logits(self, hidden: Tensor) -> Tensor:
-        """(b, d) -> float (b, text_vocab) logits of the next answer token: text tokens and [EOT], no other
-        special token."""
+        """(b, d) -> float (b, text_vocab) logits of the next answer token: text tokens and the answer's end
+        token ([EOT]; end-of-text for official conventions), no other special token."""
         logits = self.text_logits(hidden).float().clone()
-        eot = self.special.eot
-        eot_logit = logits[:, eot].clone()
+        end = self.special.end
+        end_logit = logits[:, end].clone()
         logits[:, self.config.text_base_vocab_size:] = float("-inf")
-        logits[:, eot] = eot_logit
+        logits[:, end] = end_logit
         return logits
 
     @staticmethod
@@ -154,16 +163,38 @@ class GenerationMixin:
         order = torch.sort(mask, dim=1, stable=True).indices  # zeros (padding) first, order kept
         return mask.gather(1, order), x.gather(1, order[..., None].expand_as(x))
 
+    def guidance_rows(self, prefix_ids: Tensor, prefix_mask: Tensor, caption_mask: Tensor,
+                      null_prefix: tuple[Tensor, Tensor, Tensor] | None = None):
+        """The 2b rows of a guided generation: b conditional rows, then b unconditional ones. Those drop the
+        caption to the learned null caption, or, for a model without one (official conventions), are the
+        null prompt's prefix `null_prefix` (ids, mask, caption mask; one row or b). Returns (ids, mask,
+        caption_mask, drop)."""
+        b = prefix_ids.size(0)
+        if self.caption_embed.null_caption is not None:
+            drop = torch.arange(2 * b, device=prefix_ids.device) >= b
+            return (*(torch.cat([t, t]) for t in (prefix_ids, prefix_mask, caption_mask)), drop)
+        if null_prefix is None:
+            raise UserError("this model has no learned null caption (official conventions): guidance needs the "
+                            "null prompt's prefix (omnimamba.inference.generate_images builds it)")
+        rows = [t.to(prefix_ids.device).expand(b, -1) for t in null_prefix]
+        width = max(prefix_ids.size(1), rows[0].size(1))
+        fill = (self.special.pad, 0, False)
+        out = [torch.cat([_pad_left_to(c, width, v), _pad_left_to(u, width, v)])
+               for c, u, v in zip((prefix_ids, prefix_mask, caption_mask), rows, fill)]
+        return (*out, None)
+
     @torch.no_grad()
     def generate_image_codes(self, prefix_ids: Tensor, prefix_mask: Tensor, caption_mask: Tensor,
                              guidance_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0,
                              top_p: float = 1.0, seed: int | None = None, progress=None,
-                             use_cuda_graph: bool | None = None) -> Tensor:
+                             use_cuda_graph: bool | None = None,
+                             null_prefix: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
         """T2I: image codes (b, N) for left-padded prefixes [T2I][SOT]{caption}[EOT][SOI].
 
         guidance_scale s: 1 samples from the conditional logits alone; any other s >= 0 runs conditional and
-        null-caption rows in one batch and mixes their logits as uncond + s * (cond - uncond).
-        use_cuda_graph: replay each decode step as a CUDA graph; None means on for CUDA models in eval mode.
+        unconditional rows in one batch (see guidance_rows) and mixes their logits as uncond + s * (cond -
+        uncond). use_cuda_graph: replay each decode step as a CUDA graph; None means on for CUDA models in
+        eval mode.
         """
         check_sampling_args(temperature, top_k, top_p)
         if guidance_scale < 0:
@@ -171,12 +202,10 @@ class GenerationMixin:
         self._check_text_ids(prefix_ids)
         b = prefix_ids.size(0)
         cfg = guidance_scale != 1.0
+        drop = None
         if cfg:
-            prefix_ids, prefix_mask, caption_mask = (torch.cat([t, t]) for t in (prefix_ids, prefix_mask,
-                                                                                  caption_mask))
-            drop = torch.arange(2 * b, device=prefix_ids.device) >= b
-        else:
-            drop = None
+            prefix_ids, prefix_mask, caption_mask, drop = self.guidance_rows(prefix_ids, prefix_mask, caption_mask,
+                                                                             null_prefix)
         N = self.config.image_tokens
         self._t2i_positions(prefix_mask, N - 1, 1)  # checks, once, that the last position exists
         start = torch.full((prefix_ids.size(0),), self.t2i_image_start, device=prefix_ids.device)
@@ -197,6 +226,12 @@ class GenerationMixin:
                     break
                 hidden = runner(torch.cat([token, token]) if cfg else token, start + i)
         return torch.stack(codes, 1)
+
+
+def _pad_left_to(t: Tensor, width: int, value) -> Tensor:
+    if t.size(1) == width:
+        return t
+    return torch.cat([t.new_full((t.size(0), width - t.size(1)), value), t], 1)
 
 
 def cfg_logits(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:

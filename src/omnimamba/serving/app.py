@@ -112,7 +112,7 @@ def _number(body: dict, key: str, default, kind, lo=None, hi=None, lo_open=False
 def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limit: int = 512,
                max_prompt_tokens: int = 2048, request_timeout: float = 300.0):
     from ..inference import _text_pieces, prompt_ids, to_pixels
-    from ..sequence import t2i_prefix
+    from ..sequence import OFFICIAL_NULL_PROMPT, t2i_prefix
 
     model.eval()
     lock = threading.Lock()
@@ -268,15 +268,20 @@ def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limi
         if not isinstance(prompt, str) or not prompt.strip():
             raise BadRequest("prompt must be non-empty text")
         n = _number(body, "n", 1, int, 1, MAX_IMAGES_PER_REQUEST)
-        guidance = _number(body, "guidance", 3.0, float, 0.0, 50.0)
-        temperature = _number(body, "temperature", 1.0, float, 0.0, 10.0)
+        defaults = model.config.image_sampling
+        guidance = _number(body, "guidance", defaults["guidance_scale"], float, 0.0, 50.0)
+        temperature = _number(body, "temperature", defaults["temperature"], float, 0.0, 10.0)
         seed = _number(body, "seed", None, int, 0, 2 ** 63 - 1)
         if body.get("response_format", "b64_json") != "b64_json":
             raise BadRequest("response_format must be b64_json (images are not stored to serve by URL)")
 
         ids, caption = t2i_prefix(tokenizer, prompt, model.config.max_caption_tokens)
+        null = None
+        if model.caption_embed.null_caption is None:
+            null = t2i_prefix(tokenizer, OFFICIAL_NULL_PROMPT, model.config.max_caption_tokens)
         req = image_batcher.submit(ImageRequest(ids, caption, n=n, guidance=guidance, temperature=temperature,
-                                                seed=seed))
+                                                top_k=defaults["top_k"], top_p=defaults["top_p"], seed=seed,
+                                                null_prefix=null))
         loop = asyncio.get_running_loop()
         if body.get("stream"):
             total = n * model.config.image_tokens

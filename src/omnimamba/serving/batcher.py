@@ -39,8 +39,9 @@ class TextRequest:
     seed: int | None = None
     tokens: queue.Queue = field(default_factory=queue.Queue)
     submitted: float = field(default_factory=time.perf_counter)
-    finish_reason: str | None = None  # "stop" ([EOT]), "length" (max_tokens) or "cancelled"
+    finish_reason: str | None = None  # "stop" (the answer's end token), "length" (max_tokens) or "cancelled"
     n_generated: int = 0
+    position: int = 0  # the MMU position of the next token fed back
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -251,21 +252,25 @@ class TextBatcher(ContinuousBatcher):
         m = self.model
         ids = torch.tensor([r.ids], dtype=torch.long, device=self.device)
         x = m.mmu_embeddings(r.pixels.to(self.device), ids)
+        x = x + m.mmu_positions(torch.arange(x.size(1), device=self.device)).to(x.dtype)
+        r.position = x.size(1)  # where the first answer token goes
+        m.mmu_positions(torch.tensor(r.position + r.max_tokens - 2))  # too long fails now, not midway
         single = m.allocate_cache(1, self.device)
         self._fill(slot, single, m.backbone(x, cache=single, task=self.route)[:, -1])
 
     def _sample(self, n: int) -> tuple[Tensor, list[int]]:
         logits = self.model.answer_logits(self.hidden[:n])
-        eot = self.model.special.eot
-        tokens = torch.empty(n, dtype=torch.long, device=self.device)
+        end = self.model.special.end
+        inputs = torch.empty(n, 2, dtype=torch.long, device=self.device)  # (token, its position)
         finished = []
         for i, slot in enumerate(self.slots):
             r = slot.item
             t = int(sample_next_token(logits[i:i + 1], r.temperature, 0, r.top_p, slot.generator)[0])
-            tokens[i] = t
+            inputs[i, 0], inputs[i, 1] = t, r.position
+            r.position += 1
             if r.cancelled:
                 r.finish_reason = "cancelled"
-            elif t == eot:
+            elif t == end:
                 r.finish_reason = "stop"
             else:
                 r.tokens.put(t)
@@ -275,10 +280,11 @@ class TextBatcher(ContinuousBatcher):
                     r.finish_reason = "length"
             if r.finish_reason:
                 finished.append(i)
-        return tokens, finished
+        return inputs, finished
 
-    def _embed(self, tokens: Tensor) -> Tensor:
-        return self.model.backbone.embedding(tokens)
+    def _embed(self, inputs: Tensor) -> Tensor:
+        emb = self.model.backbone.embedding(inputs[:, 0])
+        return emb + self.model.mmu_positions(inputs[:, 1]).to(emb.dtype)
 
     def _finish(self, r: TextRequest) -> None:
         r.tokens.put(None)

@@ -30,6 +30,8 @@ class ImageRequest:
     prefix_ids: list[int]
     caption_mask: list[bool]
     n: int = 1
+    # The unconditional row's prefix and caption mask, for a model without a learned null caption.
+    null_prefix: tuple[list[int], list[bool]] | None = None
     guidance: float = 3.0
     temperature: float = 1.0
     top_k: int = 0
@@ -86,10 +88,14 @@ class ImageBatcher(ContinuousBatcher):
 
     def _prefill(self, item: _Image, slot: int) -> None:
         m, r = self.model, item.request
-        ids = torch.tensor([r.prefix_ids] * 2, dtype=torch.long, device=self.device)
-        mask = torch.ones_like(ids)
-        caption = torch.tensor([r.caption_mask] * 2, dtype=torch.bool, device=self.device)
-        drop = torch.tensor([False, True], device=self.device)  # row 2: the null caption
+        ids = torch.tensor([r.prefix_ids], dtype=torch.long, device=self.device)
+        caption = torch.tensor([r.caption_mask], dtype=torch.bool, device=self.device)
+        null = None
+        if r.null_prefix is not None:
+            null = (torch.tensor([r.null_prefix[0]]), torch.ones(1, len(r.null_prefix[0]), dtype=torch.long),
+                    torch.tensor([r.null_prefix[1]]))
+        # row 2 is the unconditional one (null caption, or the null prompt)
+        ids, mask, caption, drop = m.guidance_rows(ids, torch.ones_like(ids), caption, null)
         x = m.t2i_prefix_embeddings(ids, mask, caption, drop)
         single = m.allocate_cache(2, self.device)
         self._fill(slot, single, m.backbone(x, cache=single, mask=mask, task=self.route)[:, -1])
