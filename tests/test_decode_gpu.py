@@ -134,3 +134,22 @@ def test_interleaved_generations_do_not_share_a_cache():
     for x, y in zip(first, second):
         a.append(x), b.append(y)
     assert torch.equal(torch.stack(a, 1), alone) and torch.equal(torch.stack(b, 1), alone)
+
+
+@torch.no_grad()
+def test_learned_mmu_positions_on_the_graphed_path_match_the_chunked_forward():
+    """A model with MMU positions (the official release's): graphed decode feeds each token its position."""
+    torch.manual_seed(0)
+    base = model_on("reference")
+    model = OmniMamba(base.config.replace(mmu_positions=256), backend="reference")
+    model.load_state_dict(base.state_dict(), strict=False)  # everything but the new positions
+    model = model.cuda().eval()
+    model.set_backend("fla")
+    pixels, prompt = mmu_inputs()
+    tokens = model.generate_text(pixels, prompt, max_new_tokens=20, stop_at_eot=False, use_cuda_graph=True)
+    eager = model.generate_text(pixels, prompt, max_new_tokens=20, stop_at_eot=False, use_cuda_graph=False)
+    assert torch.equal(tokens, eager)
+    x = model.mmu_embeddings(pixels, torch.cat([prompt, tokens], 1))
+    x = x + model.mmu_positions(torch.arange(x.size(1), device=x.device))
+    logits = model.answer_logits(model.backbone(x, task="mmu")[0, -21:-1])
+    assert (logits.argmax(-1) == tokens[0]).float().mean() >= 0.95
