@@ -203,6 +203,15 @@ def test_cli_convert_official(release, tmp_path):
     assert main(["convert", "official", str(folder), str(tmp_path / "out"), "--config", str(cfg)]) == 0
     model = OmniMamba.from_pretrained(tmp_path / "out", backend="reference")
     assert model.config.conventions == "official"
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(tmp_path / "photo.png")
+    out = str(tmp_path / "out")
+    assert main(["answer", "what colour is the circle ?", "--image", str(tmp_path / "photo.png"), "--model", out,
+                 "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    assert main(["generate", "a red circle", "--n", "1", "--model", out, "--out", str(tmp_path / "gen"),
+                 "--device", "cpu"]) == 0
+    assert (tmp_path / "gen" / "image-000.png").is_file()
     assert main(["convert", "to-official", str(tmp_path / "out"), str(tmp_path / "re.pth")]) == 0
     assert (tmp_path / "re.pth").is_file()
 
