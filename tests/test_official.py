@@ -246,3 +246,30 @@ def test_missing_vq_and_tokenizer_are_named(release, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no official checkpoint in it"):
         load_official(tmp_path / "empty", config=tiny_config())
+
+
+def test_server_answers_as_the_model_does_and_guides_with_the_null_prompt(release):
+    """The server on an official-conventions model: positions fed in the batcher, the null prompt's row."""
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from omnimamba.serving.app import create_app
+
+    folder, _ = release
+    model = load_official(folder, config=tiny_config(), backend="reference")
+    array = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    question = "what colour is the circle ?"
+    alone = model.answer(array, question, max_new_tokens=6)
+    with TestClient(create_app(model, max_batch=4)) as c:
+        r = c.post("/v1/chat/completions", json={"max_tokens": 6, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]}]})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == alone
+        r = c.post("/v1/images/generations", json={"prompt": "a red circle", "guidance": 2.0, "seed": 1})
+        assert r.status_code == 200 and len(r.json()["data"]) == 1
