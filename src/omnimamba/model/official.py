@@ -125,7 +125,8 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: not a state dict of tensors")
     if not any(k.startswith(LLM) for k in state):
-        raise UserError(f"{path}: not an official OmniMamba checkpoint (no {LLM}* keys)")
+        raise UserError(f"{path}: not an official OmniMamba checkpoint (no {LLM}* keys), nor beside an omnimamba "
+                        "config.json")
     return state
 
 
