@@ -13,10 +13,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from helpers.official_reference import OfficialReference
-from omnimamba.model import OmniMamba
 from omnimamba.errors import UserError
 from omnimamba.mamba2 import Mamba2Config
-from omnimamba.model import OmniMambaConfig, preset
+from omnimamba.model import OmniMamba, OmniMambaConfig, preset
 from omnimamba.model.official import load_official, save_official, to_official
 from omnimamba.sequence import OFFICIAL_SPECIAL_TOKENS, mmu_prompt
 from omnimamba.tokenizer import TextTokenizer

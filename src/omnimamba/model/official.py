@@ -87,8 +87,7 @@ def to_official(model: "OmniMamba") -> dict[str, torch.Tensor]:
     """Our model's weights under the official names (tied heads written under both names, as torch.save of the
     release's state_dict does)."""
     _check_config(model.config)
-    out = {official_name(k, model.config): v for k, v in model.state_dict().items()}
-    return out
+    return {official_name(k, model.config): v for k, v in model.state_dict().items()}
 
 
 def find_checkpoint(path: str | Path) -> Path:
