@@ -149,7 +149,6 @@ def test_learned_mmu_positions_on_the_graphed_path_match_the_chunked_forward():
     tokens = model.generate_text(pixels, prompt, max_new_tokens=20, stop_at_eot=False, use_cuda_graph=True)
     eager = model.generate_text(pixels, prompt, max_new_tokens=20, stop_at_eot=False, use_cuda_graph=False)
     assert torch.equal(tokens, eager)
-    x = model.mmu_embeddings(pixels, torch.cat([prompt, tokens], 1))
-    x = x + model.mmu_positions(torch.arange(x.size(1), device=x.device))
+    x = model.mmu_embeddings(pixels, torch.cat([prompt, tokens], 1))  # positions included
     logits = model.answer_logits(model.backbone(x, task="mmu")[0, -21:-1])
     assert (logits.argmax(-1) == tokens[0]).float().mean() >= 0.95

@@ -158,8 +158,7 @@ def test_official_checkpoint_loads_and_answers_as_the_official_forward(release):
     assert k >= 3 and ours[0, :k].tolist() == want[:k]
     # the first step's logits, float32 against float64
     with torch.no_grad():
-        x = model.mmu_embeddings(pixels.float(), torch.tensor([question]))
-        x = x + model.mmu_positions(torch.arange(x.size(1)))
+        x = model.mmu_embeddings(pixels.float(), torch.tensor([question]))  # positions included
         logits = model.text_logits(model.backbone(x, task="mmu")[:, -1])[0].double()
     assert torch.allclose(logits, want_logits[0][: logits.numel()], rtol=1e-4, atol=1e-4)
 

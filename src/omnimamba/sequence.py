@@ -44,10 +44,6 @@ class SpecialIds:
             if getattr(self, name) < 0:
                 object.__setattr__(self, name, self.eot)
 
-    @property
-    def task_tokens(self) -> tuple[int, ...]:
-        return self.mmu, self.t2i, self.soi, self.eoi, self.sot, self.eot
-
     @classmethod
     def after(cls, base_vocab_size: int) -> "SpecialIds":
         return cls(*(base_vocab_size + i for i in range(len(SPECIAL_TOKENS))))

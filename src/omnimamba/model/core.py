@@ -120,24 +120,36 @@ class OmniMamba(GenerationMixin, CheckpointMixin, nn.Module):
         features = merge_patches(self.understanding(pixel_values), self.config.understanding.spatial_merge)
         return self.projector(features)
 
-    def mmu_embeddings(self, pixel_values: Tensor, text_ids: Tensor) -> Tensor:
-        """[MMU][SOI]{image}[EOI][SOT]{text} as embeddings (b, 4 + n + T, d)."""
+    def mmu_embeddings(self, pixel_values: Tensor, text_ids: Tensor, text_mask: Tensor | None = None) -> Tensor:
+        """[MMU][SOI]{image}[EOI][SOT]{text} as embeddings (b, 4 + n + T, d), with the learned MMU positions
+        for a model that has them (config.mmu_positions). `text_mask` (b, T) marks the text's real tokens:
+        padding takes no position, so each row's positions are those it has alone."""
         before, after = mmu_prefix_ids(self.special)
         b = text_ids.size(0)
         emb = self.backbone.embedding
         pre = emb(torch.tensor(before, device=text_ids.device)).expand(b, -1, -1)
         mid = emb(torch.tensor(after, device=text_ids.device)).expand(b, -1, -1)
         image = self.encode_images(pixel_values).to(pre.dtype)
-        return torch.cat([pre, image, mid, emb(text_ids)], dim=1)
+        x = torch.cat([pre, image, mid, emb(text_ids)], dim=1)
+        if not self.config.mmu_positions:
+            return x
+        if text_mask is None:
+            self.check_mmu_length(x.size(1))
+            return x + self.mmu_pos_embed[0, : x.size(1)].to(x.dtype)
+        mask = torch.cat([text_mask.new_ones(b, x.size(1) - text_ids.size(1)), text_mask], 1)
+        position = mask.cumsum(1) - 1
+        self.check_mmu_length(int(position.max()) + 1)
+        return x + (self.mmu_positions(position.clamp(min=0)) * mask[..., None]).to(x.dtype)
+
+    def check_mmu_length(self, length: int) -> None:
+        """An MMU sequence of `length` tokens (image, prompt and answer) must fit the learned positions."""
+        n = self.config.mmu_positions
+        if n and length > n:
+            raise UserError(f"MMU sequence of {length} tokens is longer than the model's {n} positions (image, "
+                            f"prompt and answer together); shorten the prompt or max_new_tokens")
 
     def mmu_positions(self, positions: Tensor) -> Tensor:
-        """Learned MMU position embeddings at `positions` (any shape), zeros for a model without them."""
-        n = self.config.mmu_positions
-        if not n:
-            return torch.zeros((), device=positions.device)
-        if positions.numel() and int(positions.max()) >= n:
-            raise UserError(f"MMU sequence longer than the model's {n} positions (image, prompt and answer "
-                            f"together); shorten the prompt or max_new_tokens")
+        """Learned MMU position embeddings at `positions` (any shape; unchecked: see check_mmu_length)."""
         return self.mmu_pos_embed[0][positions]
 
     def forward_mmu(self, batch: MMUBatch, reduction: str = "mean") -> tuple[Tensor, ...]:
@@ -145,7 +157,6 @@ class OmniMamba(GenerationMixin, CheckpointMixin, nn.Module):
         reduction='sum': (logits, summed loss, number of target tokens)."""
         self._check_text_ids(batch.text_ids)
         x = self.mmu_embeddings(batch.pixel_values, batch.text_ids)
-        x = x + self.mmu_positions(torch.arange(x.size(1), device=x.device)).to(x.dtype)
         hidden = self.backbone(x, task=self._route("mmu"))
         T = batch.text_ids.size(1)
         # The hidden state before text token t predicts it: positions -T-1 .. -2.

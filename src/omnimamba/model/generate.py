@@ -72,7 +72,7 @@ class GenerationMixin:
                 def fn(tokens, positions):
                     emb = self.backbone.embedding(tokens)
                     if self.config.mmu_positions:
-                        emb = emb + self.mmu_pos_embed[0][positions].to(emb.dtype)
+                        emb = emb + self.mmu_positions(positions).to(emb.dtype)
                     return self.backbone.step(emb, cache, task=route)
                 return StepRunner(fn, cache, (zeros, zeros), use_graph)
 
@@ -118,17 +118,14 @@ class GenerationMixin:
         b, T = prompt_ids.shape
         if prompt_mask is None:
             prompt_mask = torch.ones_like(prompt_ids)
-        x = self.mmu_embeddings(pixel_values, prompt_ids)
+        x = self.mmu_embeddings(pixel_values, prompt_ids, prompt_mask)
         n_img = x.size(1) - T
         # A prompt's left padding falls between the image and the text: move it to the front, where the
         # mask makes it leave the state exactly as if it were not there.
         mask = torch.cat([torch.ones(b, n_img, dtype=prompt_mask.dtype, device=x.device), prompt_mask], 1)
         mask, x = self._move_padding_left(mask, x)
-        # Each real token's position counts real tokens only (the official release runs one unpadded row).
-        position = mask.cumsum(1) - 1
-        x = x + (self.mmu_positions(position.clamp(min=0)) * mask[..., None]).to(x.dtype)
-        next_position = position[:, -1] + 1
-        self.mmu_positions(next_position + max_new_tokens - 2)  # fail before decoding, not midway
+        next_position = mask.sum(1)  # where each row's first answer token goes
+        self.check_mmu_length(int(next_position.max()) + max_new_tokens - 1)  # fail before decoding, not midway
         device = x.device
         with self._decoder("text", b, device, use_cuda_graph) as runner:
             hidden = self.backbone(x, cache=runner.cache, mask=mask, task=self._route("mmu"))[:, -1].clone()

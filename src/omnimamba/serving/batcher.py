@@ -252,9 +252,8 @@ class TextBatcher(ContinuousBatcher):
         m = self.model
         ids = torch.tensor([r.ids], dtype=torch.long, device=self.device)
         x = m.mmu_embeddings(r.pixels.to(self.device), ids)
-        x = x + m.mmu_positions(torch.arange(x.size(1), device=self.device)).to(x.dtype)
         r.position = x.size(1)  # where the first answer token goes
-        m.mmu_positions(torch.tensor(r.position + r.max_tokens - 2))  # too long fails now, not midway
+        m.check_mmu_length(r.position + r.max_tokens - 1)  # too long fails now, not midway
         single = m.allocate_cache(1, self.device)
         self._fill(slot, single, m.backbone(x, cache=single, task=self.route)[:, -1])
 
@@ -284,7 +283,9 @@ class TextBatcher(ContinuousBatcher):
 
     def _embed(self, inputs: Tensor) -> Tensor:
         emb = self.model.backbone.embedding(inputs[:, 0])
-        return emb + self.model.mmu_positions(inputs[:, 1]).to(emb.dtype)
+        if self.model.config.mmu_positions:
+            emb = emb + self.model.mmu_positions(inputs[:, 1]).to(emb.dtype)
+        return emb
 
     def _finish(self, r: TextRequest) -> None:
         r.tokens.put(None)
