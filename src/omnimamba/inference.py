@@ -103,10 +103,12 @@ def _text_pieces(tokenizer, steps: Iterator[Tensor], n: int) -> Iterator[list[st
         yield out
 
 
-def null_prefix(tokenizer, max_caption_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+def null_prefix(model, tokenizer) -> tuple[Tensor, Tensor, Tensor] | None:
     """The unconditional row of a guided generation for a model without a learned null caption: the
-    official release's null prompt, as (ids, mask, caption mask) of one row."""
-    ids, caption = t2i_prefix(tokenizer, OFFICIAL_NULL_PROMPT, max_caption_tokens)
+    official release's null prompt, as (ids, mask, caption mask) of one row; None for a model with one."""
+    if model.caption_embed.null_caption is not None:
+        return None
+    ids, caption = t2i_prefix(tokenizer, OFFICIAL_NULL_PROMPT, model.config.max_caption_tokens)
     return torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), torch.tensor([caption])
 
 
@@ -126,9 +128,7 @@ def generate_images(model, tokenizer, prompts, guidance_scale: float | None = No
     sampling = {k: v if given[k] is None else given[k] for k, v in model.config.image_sampling.items()}
     device = _model_device(model)
     prefixes = [t2i_prefix(tokenizer, p, model.config.max_caption_tokens) for p in prompts]
-    null = None
-    if model.caption_embed.null_caption is None:
-        null = null_prefix(tokenizer, model.config.max_caption_tokens)
+    null = null_prefix(model, tokenizer)
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prefixes[start:start + batch_size]

@@ -111,14 +111,16 @@ def _number(body: dict, key: str, default, kind, lo=None, hi=None, lo_open=False
 
 def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limit: int = 512,
                max_prompt_tokens: int = 2048, request_timeout: float = 300.0):
-    from ..inference import _text_pieces, prompt_ids, to_pixels
-    from ..sequence import OFFICIAL_NULL_PROMPT, t2i_prefix
+    from ..inference import _text_pieces, null_prefix, prompt_ids, to_pixels
+    from ..sequence import t2i_prefix
 
     model.eval()
     lock = threading.Lock()
     batcher = TextBatcher(model, max_batch=max_batch, max_queue=max_queue, lock=lock)
     image_batcher = ImageBatcher(model, max_batch=max_batch, max_queue=max_queue, lock=lock)
     tokenizer = model.tokenizer
+    # the same unconditional row for every guided image request (`omnimamba serve` requires a tokenizer)
+    null = null_prefix(model, tokenizer) if tokenizer is not None else None
     size = model.config.understanding.image_size
     name = "omnimamba"
     @contextlib.asynccontextmanager
@@ -276,9 +278,6 @@ def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limi
             raise BadRequest("response_format must be b64_json (images are not stored to serve by URL)")
 
         ids, caption = t2i_prefix(tokenizer, prompt, model.config.max_caption_tokens)
-        null = None
-        if model.caption_embed.null_caption is None:
-            null = t2i_prefix(tokenizer, OFFICIAL_NULL_PROMPT, model.config.max_caption_tokens)
         req = image_batcher.submit(ImageRequest(ids, caption, n=n, guidance=guidance, temperature=temperature,
                                                 top_k=defaults["top_k"], top_p=defaults["top_p"], seed=seed,
                                                 null_prefix=null))

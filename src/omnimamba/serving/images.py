@@ -30,8 +30,9 @@ class ImageRequest:
     prefix_ids: list[int]
     caption_mask: list[bool]
     n: int = 1
-    # The unconditional row's prefix and caption mask, for a model without a learned null caption.
-    null_prefix: tuple[list[int], list[bool]] | None = None
+    # The unconditional row (ids, mask, caption mask) for a model without a learned null caption
+    # (inference.null_prefix).
+    null_prefix: tuple[Tensor, Tensor, Tensor] | None = None
     guidance: float = 3.0
     temperature: float = 1.0
     top_k: int = 0
@@ -90,12 +91,8 @@ class ImageBatcher(ContinuousBatcher):
         m, r = self.model, item.request
         ids = torch.tensor([r.prefix_ids], dtype=torch.long, device=self.device)
         caption = torch.tensor([r.caption_mask], dtype=torch.bool, device=self.device)
-        null = None
-        if r.null_prefix is not None:
-            null = (torch.tensor([r.null_prefix[0]]), torch.ones(1, len(r.null_prefix[0]), dtype=torch.long),
-                    torch.tensor([r.null_prefix[1]]))
         # row 2 is the unconditional one (null caption, or the null prompt)
-        ids, mask, caption, drop = m.guidance_rows(ids, torch.ones_like(ids), caption, null)
+        ids, mask, caption, drop = m.guidance_rows(ids, torch.ones_like(ids), caption, r.null_prefix)
         x = m.t2i_prefix_embeddings(ids, mask, caption, drop)
         single = m.allocate_cache(2, self.device)
         self._fill(slot, single, m.backbone(x, cache=single, mask=mask, task=self.route)[:, -1])
