@@ -147,22 +147,24 @@ def load_official(path: str | Path, config: "OmniMambaConfig | None" = None, vq_
     config = config or preset("omnimamba-1.3b-official")
     _check_config(config)
     state = read_state(ckpt)
+    _check_tied(state, ckpt)
 
+    # Every file the model needs is found (or refused) before the model is built, a minute for the 1.3B.
     has_vision = any(k.startswith("vision_backbone.") for k in state)
     if not has_vision and not any(config.understanding.weights):
         raise UserError(f"{ckpt} holds no vision_backbone.* weights; name the timm checkpoints of "
                         f"{list(config.understanding.backbones)} in config.understanding.weights")
     if has_vision:  # read from the checkpoint, not from the timm files
         config = config.replace(understanding=config.understanding.replace(weights=()))
-    model = OmniMamba(config, backend=backend)
-
     vq_file = None
     if not any(k.startswith("llm_backbone.vqvae.") for k in state):
         vq_file = Path(vq_path) if vq_path else folder / VQ_NAME
         if not vq_file.is_file():
             raise UserError(f"{ckpt} holds no llm_backbone.vqvae.* weights and {vq_file} does not exist; download "
                             f"{VQ_NAME} (peizesun/llamagen_t2i) beside it or pass its path")
+    tokenizer = _official_tokenizer(tokenizer_path or folder / "tokenizer.json", config)
 
+    model = OmniMamba(config, backend=backend)
     own = model.state_dict()
     expected = {official_name(k, config): k for k in own}
     if not has_vision:
@@ -184,12 +186,11 @@ def load_official(path: str | Path, config: "OmniMambaConfig | None" = None, vq_
                 raise UserError(f"{ckpt}: {o} has shape {tuple(value.shape)}, the model expects {tuple(own[k].shape)} "
                                 "(is the config the release's?)")
             own[k].copy_(value)
-    _check_tied(model, state, ckpt)
     if vq_file is not None:
         from ..vision.vq import VQModel
 
         model.vq.load_state_dict(VQModel.from_llamagen(vq_file, config.vq).state_dict())
-    model.tokenizer = _official_tokenizer(tokenizer_path or folder / "tokenizer.json", config)
+    model.tokenizer = tokenizer
     return model.eval()
 
 
@@ -202,7 +203,7 @@ def _tied_source_present(name: str, state: dict) -> bool:
     return name in _TIED and _TIED[name] in state
 
 
-def _check_tied(model: "OmniMamba", state: dict, ckpt: Path) -> None:
+def _check_tied(state: dict, ckpt: Path) -> None:
     for head, emb in _TIED.items():
         if head in state and emb in state and not torch.equal(state[head], state[emb]):
             raise UserError(f"{ckpt}: {head} differs from {emb}; the release ties them (tie_embeddings), and so "
