@@ -166,16 +166,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float | None) -> None:
-    """temperature None: the sampling settings default to the model's (see OmniMambaConfig.image_sampling)."""
+    """temperature None: the settings are left unset, to take the model's (OmniMambaConfig.image_sampling)."""
+    from_model = temperature is None
     p.add_argument("--model", default="runs/quickstart/stage2-unified",
                    help="model directory (default: the quickstart's, runs/quickstart/stage2-unified)")
-    model_default = "the model's: 1, or 1 with top-k 1 for official weights"
     p.add_argument("--temperature", type=_non_negative_float, default=temperature,
-                   help=f"sampling temperature, 0 = greedy (default: {model_default if temperature is None else temperature})")
-    p.add_argument("--top-k", type=_non_negative_int, default=None if temperature is None else 0,
+                   help=f"sampling temperature, 0 = greedy (default: {1 if from_model else temperature:g})")
+    p.add_argument("--top-k", type=_non_negative_int, default=None if from_model else 0,
                    help="keep the k most likely tokens, 0 = all (default: "
-                        f"{'0, or 1 for official weights' if temperature is None else 0})")
-    p.add_argument("--top-p", type=_probability, default=None if temperature is None else 1.0,
+                        f"{'0; 1 for official weights' if from_model else 0})")
+    p.add_argument("--top-p", type=_probability, default=None if from_model else 1.0,
                    help="nucleus sampling mass, in (0, 1] (default: 1.0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
