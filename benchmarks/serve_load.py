@@ -7,6 +7,11 @@ random-weight model rarely says [EOT], so the work per request is the same in bo
 or a lost request is counted, not hidden. Prints a table, writes JSON.
 
     python benchmarks/serve_load.py [--model DIR] [--clients 1 8 32 64] [--max-tokens 16] [--out FILE]
+    python benchmarks/serve_load.py --preset omnimamba-1.3b --dtype bfloat16 --device cuda \
+        --out benchmarks/results/serve_load_gpu.json         # the paper's shape, random weights, on a GPU
+
+Without --model the model has random weights (speed does not depend on them); a preset other than Shapes' gets
+a word-level stand-in tokenizer of its text vocabulary's size ("w0", "w1", ...).
 """
 
 from __future__ import annotations
@@ -34,14 +39,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def random_model(folder: Path) -> Path:
+def random_model(folder: Path, name: str, dtype: str, device: str) -> Path:
     import torch
 
     from omnimamba.model import OmniMamba, preset
     from omnimamba.tokenizer import TextTokenizer
 
     torch.manual_seed(0)
-    OmniMamba(preset("shapes-tiny"), backend="reference").save_pretrained(folder, tokenizer=TextTokenizer.shapes())
+    config = preset(name)
+    if name.startswith("shapes"):
+        tokenizer = TextTokenizer.shapes()
+    else:  # [PAD], [UNK] and words up to the text vocabulary's base size
+        tokenizer = TextTokenizer.word_level(f"w{i}" for i in range(config.text_base_vocab_size - 2))
+    with torch.device(device):
+        model = OmniMamba(config, backend="reference")
+    model.to(getattr(torch, dtype)).save_pretrained(folder, tokenizer=tokenizer)
     return folder
 
 
@@ -87,13 +99,14 @@ async def level(port: int, clients: int, n_requests: int, max_tokens: int) -> di
             "p50_s": statistics.median(lat), "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))]}
 
 
-def serve(model: Path, port: int, max_batch: int, device: str) -> subprocess.Popen:
+def serve(model: Path, port: int, max_batch: int, device: str, dtype: str, start_timeout: float) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "omnimamba.cli", "serve", "--model", str(model), "--port", str(port),
-                             "--max-batch", str(max_batch), "--device", device],
+                             "--max-batch", str(max_batch), "--device", device, "--dtype", dtype],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     import httpx
 
-    for _ in range(600):
+    deadline = time.monotonic() + start_timeout
+    while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc
@@ -103,12 +116,15 @@ def serve(model: Path, port: int, max_batch: int, device: str) -> subprocess.Pop
             raise RuntimeError(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
         time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("the server did not answer /health within 120 s")
+    raise RuntimeError(f"the server did not answer /health within {start_timeout:.0f} s")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="model folder (default: shapes-tiny with random weights, made here)")
+    ap.add_argument("--model", help="model folder (default: --preset with random weights, made here)")
+    ap.add_argument("--preset", default="shapes-tiny", help="the random model's preset (default: shapes-tiny)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the served weights' dtype")
+    ap.add_argument("--start-timeout", type=float, default=600, help="seconds a server may take to start")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--requests", type=int, default=0, help="requests per level (default: 2 x clients, at least 16)")
     ap.add_argument("--max-tokens", type=int, default=16)
@@ -120,11 +136,12 @@ def main() -> None:
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = Path(args.model) if args.model else random_model(Path(tmp) / "model")
+        model = Path(args.model) if args.model else random_model(Path(tmp) / "model", args.preset, args.dtype,
+                                                                  args.device)
         rows = []
         for system, max_batch in (("one at a time", 1), ("continuous batching", args.max_batch)):
             port = free_port()
-            proc = serve(model, port, max_batch, args.device)
+            proc = serve(model, port, max_batch, args.device, args.dtype, args.start_timeout)
             try:
                 for c in args.clients:
                     n = args.requests or max(16, 2 * c)
@@ -145,9 +162,12 @@ def main() -> None:
             r["speedup"] = r["requests_per_s"] / b["requests_per_s"]
             print(f"| {r['clients']} | {b['requests_per_s']:.2f} | {r['requests_per_s']:.2f} | {r['speedup']:.2f}x | "
                   f"{b['p50_s']:.3f} / {r['p50_s']:.3f} | {b['p99_s']:.3f} / {r['p99_s']:.3f} |")
-    info = {"benchmark": "omnimamba serve, chat completions over loopback", "model": args.model or "shapes-tiny, random weights",
+    where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+             else f"{torch.get_num_threads()} torch threads")
+    info = {"benchmark": "omnimamba serve, chat completions over loopback",
+            "model": args.model or f"{args.preset}, random weights", "dtype": args.dtype,
             "max_tokens": args.max_tokens, "device": args.device,
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, python {platform.python_version()}, torch {torch.__version__}",
+            "machine": f"{platform.machine()}, {where}, python {platform.python_version()}, torch {torch.__version__}",
             "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(info, indent=1))

@@ -152,3 +152,73 @@ def test_learned_mmu_positions_on_the_graphed_path_match_the_chunked_forward():
     x = model.mmu_embeddings(pixels, torch.cat([prompt, tokens], 1))  # positions included
     logits = model.answer_logits(model.backbone(x, task="mmu")[0, -21:-1])
     assert (logits.argmax(-1) == tokens[0]).float().mean() >= 0.95
+
+
+def test_served_requests_on_graphed_steps_equal_each_request_alone():
+    """The server's batchers replay their decode steps as CUDA graphs (one per bucket of slot counts):
+    concurrent requests of different lengths, joining and leaving, each get what they get alone."""
+    import threading
+
+    import numpy as np
+
+    from omnimamba.inference import answer, generate_images, prompt_ids, to_pixels
+    from omnimamba.serving.batcher import TextBatcher, TextRequest
+    from omnimamba.serving.images import ImageBatcher, ImageRequest
+
+    model = model_on("fla")
+    rng = np.random.default_rng(0)
+    questions = ["how many circles are there?", "what color is the square?", "describe the image."]
+    jobs = [(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), questions[k % 3], 2 + (k * 5) % 11)
+            for k in range(16)]
+    alone = [answer(model, TOK, im, q, max_new_tokens=n) for im, q, n in jobs]
+    batcher = TextBatcher(model, max_batch=5)
+    try:
+        assert batcher.graphed and sorted(batcher.runners) == [1, 2, 4, 5]
+        reqs = [TextRequest(pixels=to_pixels([im], 64), ids=prompt_ids(TOK, q), max_tokens=n) for im, q, n in jobs]
+        threads = [threading.Thread(target=batcher.submit, args=(r,)) for r in reqs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        together = [TOK.decode(list(r)).strip() for r in reqs]
+    finally:
+        batcher.close()
+    assert together == alone and batcher.requests_total == 16
+
+    prompts = [("a red circle", 3.0, 0), ("two blue squares", 1.0, 1), ("a green triangle", 2.0, 2)]
+    alone = [np.asarray(generate_images(model, TOK, [p], guidance_scale=g, seed=s)[0]) for p, g, s in prompts]
+    images = ImageBatcher(model, max_batch=2)
+    try:
+        assert images.graphed and sorted(images.runners) == [1, 2]
+        reqs = [images.submit(ImageRequest(*t2i_prefix(TOK, p, model.config.max_caption_tokens), guidance=g, seed=s))
+                for p, g, s in prompts]
+        together = [np.asarray(r.result(timeout=600)[0]) for r in reqs]
+    finally:
+        images.close()
+    for a, b in zip(together, alone):
+        assert np.array_equal(a, b)
+
+
+def test_a_bf16_model_serves_both_tasks():
+    """`omnimamba serve --dtype bfloat16`: float32 pixels from the request meet bf16 encoders."""
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from omnimamba.serving.app import create_app
+
+    model = model_on("fla", torch.bfloat16)
+    model.tokenizer = TOK
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    with TestClient(create_app(model, max_batch=4)) as client:
+        chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "describe the image."}]}],
+            "max_tokens": 8})
+        image = client.post("/v1/images/generations", json={"prompt": "a red circle", "n": 2, "seed": 0})
+    assert chat.status_code == 200, chat.text
+    assert image.status_code == 200 and len(image.json()["data"]) == 2, image.text

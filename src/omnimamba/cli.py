@@ -93,7 +93,8 @@ def _load_model(args: argparse.Namespace, need_tokenizer: bool = False):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA device is available")
-    return model.to(device)
+    dtype = getattr(args, "dtype", None)
+    return model.to(device=device, dtype=getattr(torch, dtype) if dtype else None)
 
 
 def _stream(pieces) -> str:
@@ -234,7 +235,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise UserError(f"serving needs FastAPI and uvicorn: pip install 'omnimamba[serve]' ({e})") from None
     model = _load_model(args, need_tokenizer=True)
-    app = create_app(model, max_batch=args.max_batch, max_queue=args.max_queue, request_timeout=args.request_timeout)
+    app = create_app(model, max_batch=args.max_batch, max_queue=args.max_queue, request_timeout=args.request_timeout,
+                     use_cuda_graph=False if args.eager else None)
     if args.verb == "demo":
         print(f"the demo: open http://{args.host}:{args.port}/ in a browser (Ctrl-C stops it)")
     else:
@@ -474,6 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--request-timeout", type=_non_negative_float, default=300.0,
                        help="seconds an answer may take, queueing included; then it is cancelled (default: 300)")
         p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+        p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                       help="cast the weights (default: as loaded, float32); bfloat16 halves a GPU's memory traffic")
+        p.add_argument("--eager", action="store_true",
+                       help="decode without CUDA graphs (slower on a GPU; for debugging)")
         p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ablate", help="the paper's ablations on Shapes: each variant trained and scored over seeds")

@@ -28,7 +28,10 @@ class StepRunner:
     """
 
     def __init__(self, fn: Callable[..., Tensor], cache: Mamba2Cache, example_inputs: tuple[Tensor, ...],
-                 use_graph: bool, warmup: int = 2):
+                 use_graph: bool, warmup: int = 2, pool=None, capture_error_mode: str = "global"):
+        """pool: a memory pool (torch.cuda.graph_pool_handle()) shared with other runners that never replay
+        at the same time; capture_error_mode "thread_local" lets other threads use CUDA during the capture
+        (a server's request threads)."""
         self.fn = fn
         self.cache = cache
         self.in_use = False  # held by a running generation (set by its owner)
@@ -43,7 +46,7 @@ class StepRunner:
                 fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode=capture_error_mode):
             self.output = fn(*self.inputs)
         cache.reset()
 

@@ -116,7 +116,9 @@ class OmniMamba(GenerationMixin, CheckpointMixin, nn.Module):
         return self.understanding.num_patches // self.config.understanding.spatial_merge ** 2
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
-        """(b, 3, H, W) in [0, 1] -> projected image embeddings (b, n_patches, d_model)."""
+        """(b, 3, H, W) in [0, 1] -> projected image embeddings (b, n_patches, d_model). The pixels take the
+        encoders' dtype (a bf16 model is given float32 pixels by a loader that knows nothing of it)."""
+        pixel_values = pixel_values.to(next(self.understanding.parameters()).dtype)
         features = merge_patches(self.understanding(pixel_values), self.config.understanding.spatial_merge)
         return self.projector(features)
 

@@ -110,14 +110,15 @@ def _number(body: dict, key: str, default, kind, lo=None, hi=None, lo_open=False
 
 
 def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limit: int = 512,
-               max_prompt_tokens: int = 2048, request_timeout: float = 300.0):
+               max_prompt_tokens: int = 2048, request_timeout: float = 300.0, use_cuda_graph: bool | None = None):
     from ..inference import _text_pieces, null_prefix, prompt_ids, to_pixels
     from ..sequence import t2i_prefix
 
     model.eval()
     lock = threading.Lock()
-    batcher = TextBatcher(model, max_batch=max_batch, max_queue=max_queue, lock=lock)
-    image_batcher = ImageBatcher(model, max_batch=max_batch, max_queue=max_queue, lock=lock)
+    batcher = TextBatcher(model, max_batch=max_batch, max_queue=max_queue, lock=lock, use_cuda_graph=use_cuda_graph)
+    image_batcher = ImageBatcher(model, max_batch=max_batch, max_queue=max_queue, lock=lock,
+                                 use_cuda_graph=use_cuda_graph)
     tokenizer = model.tokenizer
     # the same unconditional row for every guided image request (`omnimamba serve` requires a tokenizer)
     null = null_prefix(model, tokenizer) if tokenizer is not None else None

@@ -6,6 +6,10 @@ alone, then its conv and SSM states are copied into its rows of the shared cache
 slot (each with its own settings and seed), hand the tokens to their requests, retire finished or cancelled slots
 (the last slot moves into the freed one, so slots stay packed in [0, n) and a step costs what n sequences cost),
 then run one decode step over the n slots. TextBatcher does answers (here); ImageBatcher (images.py) images.
+
+On a GPU the decode step is replayed as a CUDA graph: one graph per bucket of slot counts (1, 2, 4, ... up to
+max_batch), captured when the batcher starts, over the first rows of the shared cache; n slots step in the
+smallest bucket that holds them (the rows past n are free slots, overwritten when a slot is next filled).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..decoding import StepRunner, graphs_enabled
 from ..generation import check_sampling_args, make_generator, sample_next_token
 
 
@@ -73,6 +78,7 @@ class _Slot:
 class ContinuousBatcher:
     """The decode loop shared by answers and images: at most `max_batch` slots of `width` cache rows each
     decode together; at most `max_queue` items wait. `lock` serialises the model between batchers.
+    use_cuda_graph: replay decode steps as CUDA graphs (None: on for a CUDA model in eval mode).
 
     A subclass says how an item is prefilled into its slot (`_prefill`), what each slot feeds the next step
     after sampling (`_sample`: one row of step inputs per slot, and which slots finished) and how those inputs
@@ -81,12 +87,15 @@ class ContinuousBatcher:
     task = "mmu"
     width = 1
 
-    def __init__(self, model, max_batch: int = 32, max_queue: int = 256, lock: threading.Lock | None = None):
+    def __init__(self, model, max_batch: int = 32, max_queue: int = 256, lock: threading.Lock | None = None,
+                 use_cuda_graph: bool | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         self.lock = lock or threading.Lock()
         self.device = next(model.parameters()).device
+        self.graphed = graphs_enabled(use_cuda_graph, model, self.device)
+        self.runners: dict[int, StepRunner] = {}  # slots -> the graphed step over that many slots' rows
         self.route = model._route(self.task)
         rows = max_batch * self.width
         self.cache = model.allocate_cache(rows, self.device)
@@ -101,8 +110,13 @@ class ContinuousBatcher:
         self.requests_total = 0
         self.steps_total = 0
         self.latencies: collections.deque[float] = collections.deque(maxlen=1000)
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name=f"omnimamba-{self.task}-batcher", daemon=True)
         self._thread.start()
+        self._started.wait()  # the graphs are captured: the first request does not pay for it
+        if self._start_error is not None:
+            raise self._start_error
 
     # --- the public side ------------------------------------------------------------------------------
     def _enqueue(self, items: list) -> None:
@@ -128,8 +142,45 @@ class ContinuousBatcher:
         self._thread.join(timeout=10)
 
     # --- the loop -------------------------------------------------------------------------------------
+    def buckets(self) -> list[int]:
+        """The slot counts a graph is captured for: powers of two below max_batch, and max_batch."""
+        return [1 << k for k in range(self.max_batch.bit_length()) if 1 << k < self.max_batch] + [self.max_batch]
+
+    def _capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()  # one at a time replays: the graphs share their memory
+        for slots in self.buckets():
+            rows = slots * self.width
+            view = type(self.cache)(conv=self.cache.conv[:, :rows], ssm=self.cache.ssm[:, :rows])
+            example = self._embed(torch.zeros(slots, 2, dtype=torch.long, device=self.device))
+
+            def step(emb, view=view):
+                return self.model.backbone.step(emb, view, task=self.route)
+            self.runners[slots] = StepRunner(step, view, (example,), True, pool=pool,
+                                             capture_error_mode="thread_local")
+
+    def _step(self, emb: Tensor, slots: int) -> None:
+        """One decode step of the first `slots` slots (emb: their rows' embeddings) into self.hidden."""
+        rows = slots * self.width
+        if not self.graphed:
+            view = type(self.cache)(conv=self.cache.conv[:, :rows], ssm=self.cache.ssm[:, :rows])
+            self.hidden[:rows] = self.model.backbone.step(emb, view, task=self.route)
+            return
+        bucket = next(b for b in self.buckets() if b >= slots)
+        runner = self.runners[bucket]
+        runner.inputs[0][:rows].copy_(emb)  # the rows past `rows` step free slots: whatever they hold
+        self.hidden[:rows] = runner()[:rows]
+
     def _loop(self) -> None:
         with torch.no_grad(), self.model._merged_route(self.route):
+            try:
+                if self.graphed:
+                    with self.lock:
+                        self._capture()
+            except BaseException as e:
+                self._start_error = e
+                return
+            finally:
+                self._started.set()
             while True:
                 with self._wake:
                     while not self._stop and not self.waiting and not self.slots:
@@ -161,10 +212,7 @@ class ContinuousBatcher:
             self._retire(i)
         if not self.slots:
             return
-        m = len(self.slots)
-        view = type(self.cache)(conv=self.cache.conv[:, :m * self.width], ssm=self.cache.ssm[:, :m * self.width])
-        emb = self._embed(self._compact(inputs, n, sorted(finished)))
-        self.hidden[: m * self.width] = self.model.backbone.step(emb, view, task=self.route)
+        self._step(self._embed(self._compact(inputs, n, sorted(finished))), len(self.slots))
         self.steps_total += 1
 
     @staticmethod
