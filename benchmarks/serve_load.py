@@ -2,9 +2,10 @@
 clients, for the continuous batcher against the same server answering one request at a time (--max-batch 1).
 
 Loopback only and bounded: each server is started here on a free 127.0.0.1 port, receives a fixed number of
-requests per concurrency level, and is stopped. Every request asks for the same number of tokens (greedy; a
-random-weight model rarely says [EOT], so the work per request is the same in both servers); a non-200 answer
-or a lost request is counted, not hidden. Prints a table, writes JSON.
+requests per concurrency level, and is stopped. Every request of a level asks for the same number of tokens
+(greedy; a random-weight model rarely says [EOT], so the work per request is the same in both servers); each
+server first answers two untimed requests (kernel compilation and other first-call costs). A non-200 answer or a
+lost request is counted, not hidden. Prints a table, writes JSON.
 
     python benchmarks/serve_load.py [--model DIR] [--clients 1 8 32 64] [--max-tokens 16] [--out FILE]
     python benchmarks/serve_load.py --preset omnimamba-1.3b --dtype bfloat16 --device cuda \
@@ -127,7 +128,7 @@ def main() -> None:
     ap.add_argument("--start-timeout", type=float, default=600, help="seconds a server may take to start")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--requests", type=int, default=0, help="requests per level (default: 2 x clients, at least 16)")
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, nargs="+", default=[16], help="answer lengths, each run at every level")
     ap.add_argument("--max-batch", type=int, default=64, help="the continuous batcher's rows")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="benchmarks/results/serve_load.json")
@@ -143,30 +144,34 @@ def main() -> None:
             port = free_port()
             proc = serve(model, port, max_batch, args.device, args.dtype, args.start_timeout)
             try:
-                for c in args.clients:
-                    n = args.requests or max(16, 2 * c)
-                    r = {"system": system, "max_batch": max_batch, **asyncio.run(level(port, c, n, args.max_tokens))}
-                    rows.append(r)
-                    print(f"{system:<20} clients {c:>3}: {r['requests_per_s']:7.2f} req/s  {r['tokens_per_s']:8.1f} tok/s  "
-                          f"p50 {r['p50_s']:.3f} s  p99 {r['p99_s']:.3f} s  ok {r['ok']}/{n}  errors {r['errors']}  "
-                          f"lost {r['lost']}", flush=True)
+                asyncio.run(level(port, 1, 2, args.max_tokens[0]))  # warm-up, not counted: first-call kernel set-up
+                for tokens in args.max_tokens:
+                    for c in args.clients:
+                        n = args.requests or max(16, 2 * c)
+                        r = {"system": system, "max_batch": max_batch, "max_tokens": tokens,
+                             **asyncio.run(level(port, c, n, tokens))}
+                        rows.append(r)
+                        print(f"{system:<20} tokens {tokens:>3} clients {c:>3}: {r['requests_per_s']:7.2f} req/s  "
+                              f"{r['tokens_per_s']:8.1f} tok/s  p50 {r['p50_s']:.3f} s  p99 {r['p99_s']:.3f} s  "
+                              f"ok {r['ok']}/{n}  errors {r['errors']}  lost {r['lost']}", flush=True)
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
-    base = {r["clients"]: r for r in rows if r["max_batch"] == 1}
-    print("\n| clients | one at a time req/s | continuous req/s | speed-up | p50 s (one / cont.) | p99 s (one / cont.) |")
-    print("|---|---|---|---|---|---|")
+    base = {(r["max_tokens"], r["clients"]): r for r in rows if r["max_batch"] == 1}
+    print("\n| tokens | clients | one at a time req/s | continuous req/s | speed-up | p50 s (one / cont.) | "
+          "p99 s (one / cont.) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         if r["max_batch"] != 1:
-            b = base[r["clients"]]
+            b = base[r["max_tokens"], r["clients"]]
             r["speedup"] = r["requests_per_s"] / b["requests_per_s"]
-            print(f"| {r['clients']} | {b['requests_per_s']:.2f} | {r['requests_per_s']:.2f} | {r['speedup']:.2f}x | "
-                  f"{b['p50_s']:.3f} / {r['p50_s']:.3f} | {b['p99_s']:.3f} / {r['p99_s']:.3f} |")
+            print(f"| {r['max_tokens']} | {r['clients']} | {b['requests_per_s']:.2f} | {r['requests_per_s']:.2f} | "
+                  f"{r['speedup']:.2f}x | {b['p50_s']:.3f} / {r['p50_s']:.3f} | {b['p99_s']:.3f} / {r['p99_s']:.3f} |")
     where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
              else f"{torch.get_num_threads()} torch threads")
     info = {"benchmark": "omnimamba serve, chat completions over loopback",
             "model": args.model or f"{args.preset}, random weights", "dtype": args.dtype,
-            "max_tokens": args.max_tokens, "device": args.device,
+            "device": args.device,
             "machine": f"{platform.machine()}, {where}, python {platform.python_version()}, torch {torch.__version__}",
             "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -83,24 +83,29 @@ def answer(model, tokenizer, images, questions, max_new_tokens: int = 64, temper
     return texts[0] if single else texts
 
 
+class TextPieces:
+    """The text a growing answer adds with each token: decode(all so far) minus decode(all before), so word
+    pieces join as the tokenizer joins them. The answer's end token ends it; later tokens add nothing."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.shown, self.done = tokenizer, [], "", False
+
+    def push(self, token: int) -> str:
+        if self.done or token == self.tokenizer.special.end:
+            self.done = True
+            return ""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens).strip()
+        piece = text[len(self.shown):] if text.startswith(self.shown) else text
+        self.shown = text
+        return piece
+
+
 def _text_pieces(tokenizer, steps: Iterator[Tensor], n: int) -> Iterator[list[str]]:
-    """Turn token steps into text increments: decode(all so far) minus decode(all before)."""
-    end = tokenizer.special.end
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    done = [False] * n
-    shown = ["" for _ in range(n)]
+    """Token steps (b,) of n answers -> their text increments, one list per step."""
+    answers = [TextPieces(tokenizer) for _ in range(n)]
     for step in steps:
-        out = []
-        for i, t in enumerate(step.tolist()):
-            if not done[i]:
-                if t == end:
-                    done[i] = True
-                else:
-                    tokens[i].append(t)
-            text = tokenizer.decode(tokens[i]).strip()
-            out.append(text[len(shown[i]):] if text.startswith(shown[i]) else text)
-            shown[i] = text
-        yield out
+        yield [a.push(t) for a, t in zip(answers, step.tolist())]
 
 
 def null_prefix(model, tokenizer) -> tuple[Tensor, Tensor, Tensor] | None:

@@ -143,6 +143,12 @@ class OmniMamba(GenerationMixin, CheckpointMixin, nn.Module):
         self.check_mmu_length(int(position.max()) + 1)
         return x + (self.mmu_positions(position.clamp(min=0)) * mask[..., None]).to(x.dtype)
 
+    def mmu_length(self, n_text: int) -> int:
+        """Tokens in [MMU][SOI]{image}[EOI][SOT]{text} for n_text text tokens: where the answer starts."""
+        before, after = mmu_prefix_ids(self.special)
+        n_image = self.understanding.num_patches // self.config.understanding.spatial_merge ** 2
+        return len(before) + n_image + len(after) + n_text
+
     def check_mmu_length(self, length: int) -> None:
         """An MMU sequence of `length` tokens (image, prompt and answer) must fit the learned positions."""
         n = self.config.mmu_positions

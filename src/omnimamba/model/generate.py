@@ -115,16 +115,8 @@ class GenerationMixin:
                        seed, stop_at_eot, use_cuda_graph):
         check_sampling_args(temperature, top_k, top_p)
         self._check_text_ids(prompt_ids)
-        b, T = prompt_ids.shape
-        if prompt_mask is None:
-            prompt_mask = torch.ones_like(prompt_ids)
-        x = self.mmu_embeddings(pixel_values, prompt_ids, prompt_mask)
-        n_img = x.size(1) - T
-        # A prompt's left padding falls between the image and the text: move it to the front, where the
-        # mask makes it leave the state exactly as if it were not there.
-        mask = torch.cat([torch.ones(b, n_img, dtype=prompt_mask.dtype, device=x.device), prompt_mask], 1)
-        mask, x = self._move_padding_left(mask, x)
-        next_position = mask.sum(1)  # where each row's first answer token goes
+        b = prompt_ids.size(0)
+        x, mask, next_position = self.mmu_prefill_inputs(pixel_values, prompt_ids, prompt_mask)
         self.check_mmu_length(int(next_position.max()) + max_new_tokens - 1)  # fail before decoding, not midway
         device = x.device
         with self._decoder("text", b, device, use_cuda_graph) as runner:
@@ -143,6 +135,20 @@ class GenerationMixin:
                     return
                 if i < max_new_tokens - 1:
                     hidden = runner(token, next_position + i)
+
+    def mmu_prefill_inputs(self, pixel_values: Tensor, prompt_ids: Tensor, prompt_mask: Tensor | None = None
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+        """What a prefill of [MMU][SOI]{image}[EOI][SOT]{prompt} feeds the backbone, for prompts left-padded
+        with prompt_mask: embeddings (b, L, d), their mask (b, L), and where each row's first answer token
+        goes (b,). The padding is moved to the front of each row, where the mask makes it leave the state
+        exactly as if it were not there (a prompt's padding would otherwise fall between image and text)."""
+        if prompt_mask is None:
+            prompt_mask = torch.ones_like(prompt_ids)
+        x = self.mmu_embeddings(pixel_values, prompt_ids, prompt_mask)
+        n_img = x.size(1) - prompt_ids.size(1)
+        mask = torch.cat([prompt_mask.new_ones(prompt_ids.size(0), n_img), prompt_mask], 1)
+        mask, x = self._move_padding_left(mask, x)
+        return x, mask, mask.sum(1)
 
     def answer_logits(self, hidden: Tensor) -> Tensor:
         """(b, d) -> float (b, text_vocab) logits of the next answer token: text tokens and the answer's end

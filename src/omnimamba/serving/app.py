@@ -16,17 +16,15 @@ import base64
 import binascii
 import contextlib
 import io
-import queue
 import threading
 import time
 import uuid
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..errors import UserError
-from .batcher import QueueFull, TextBatcher, TextRequest
+from .batcher import LoopQueue, QueueFull, TextBatcher, TextRequest
 from .images import ImageBatcher, ImageRequest
 
 MAX_IMAGES_PER_REQUEST = 16
@@ -111,7 +109,7 @@ def _number(body: dict, key: str, default, kind, lo=None, hi=None, lo_open=False
 
 def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limit: int = 512,
                max_prompt_tokens: int = 2048, request_timeout: float = 300.0, use_cuda_graph: bool | None = None):
-    from ..inference import _text_pieces, null_prefix, prompt_ids, to_pixels
+    from ..inference import TextPieces, null_prefix, prompt_ids, to_pixels
     from ..sequence import t2i_prefix
 
     model.eval()
@@ -197,30 +195,32 @@ def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limi
         ids = prompt_ids(tokenizer, question, history)
         if len(ids) > max_prompt_tokens:
             raise BadRequest(f"the conversation is {len(ids)} tokens long; the limit is {max_prompt_tokens}")
-        req = TextRequest(pixels=to_pixels([image], size), ids=ids,
+        loop = asyncio.get_running_loop()
+        # decoding and resizing a photo takes milliseconds: not on the event loop, which serves everyone
+        pixels = await loop.run_in_executor(None, to_pixels, [image], size)
+        tokens = LoopQueue(loop)
+        req = TextRequest(pixels=pixels, ids=ids, tokens=tokens,
                           max_tokens=_number(body, "max_tokens", 64, int, 1, max_tokens_limit),
                           temperature=_number(body, "temperature", 0.0, float, 0.0, 10.0),
                           top_p=_number(body, "top_p", 1.0, float, 0.0, 1.0, lo_open=True),
                           seed=_number(body, "seed", None, int, 0, 2 ** 63 - 1))
         batcher.submit(req)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        loop = asyncio.get_running_loop()
-        tokens = iter(req)
-        done = object()
+        done, timed_out = object(), object()
+        answer = TextPieces(tokenizer)
 
-        timed_out = object()
-
-        async def next_piece(pieces):
+        async def next_piece():
             """The next text piece, `done` at the end, `timed_out` once the request has run request_timeout
             seconds (then it is cancelled: the batcher drops its row at the next step)."""
             left = request_timeout - (time.perf_counter() - req.submitted)
             try:
-                return await asyncio.wait_for(loop.run_in_executor(None, next, pieces, done), max(left, 0))
+                item = await tokens.get(max(left, 0))
             except asyncio.TimeoutError:
                 req.cancel()
                 return timed_out
-
-        pieces = (p[0] for p in _text_pieces(tokenizer, (torch.tensor([t]) for t in tokens), 1))
+            if isinstance(item, BaseException):
+                raise item
+            return done if item is None else answer.push(item)
 
         if body.get("stream"):
             async def events():
@@ -234,7 +234,7 @@ def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limi
                         if await request.is_disconnected():
                             req.cancel()
                             return
-                        piece = await next_piece(pieces)
+                        piece = await next_piece()
                         if piece is done or piece is timed_out:
                             break
                         if piece:
@@ -248,7 +248,7 @@ def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limi
         text = ""
         try:
             while True:
-                piece = await next_piece(pieces)
+                piece = await next_piece()
                 if piece is timed_out:
                     return error(504, f"the answer took longer than {request_timeout:g} s (request_timeout)")
                 if piece is done:
@@ -281,8 +281,7 @@ def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limi
         ids, caption = t2i_prefix(tokenizer, prompt, model.config.max_caption_tokens)
         req = image_batcher.submit(ImageRequest(ids, caption, n=n, guidance=guidance, temperature=temperature,
                                                 top_k=defaults["top_k"], top_p=defaults["top_p"], seed=seed,
-                                                null_prefix=null))
-        loop = asyncio.get_running_loop()
+                                                null_prefix=null, results=LoopQueue(asyncio.get_running_loop())))
         if body.get("stream"):
             total = n * model.config.image_tokens
 
@@ -295,8 +294,8 @@ def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limi
                             yield "data: " + _dumps({"error": {"message": "timed out (request_timeout)"}}) + "\n\n"
                             return
                         try:
-                            pics = await loop.run_in_executor(None, req.result, 0.25)
-                        except queue.Empty:
+                            pics = await req.aresult(0.25)
+                        except asyncio.TimeoutError:
                             if req.codes_done != shown:
                                 shown = req.codes_done
                                 yield "data: " + _dumps({"progress": round(shown / total, 4)}) + "\n\n"
@@ -310,8 +309,8 @@ def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limi
                     req.cancel()
             return StreamingResponse(events(), media_type="text/event-stream")
         try:
-            pics = await loop.run_in_executor(None, req.result, request_timeout)
-        except queue.Empty:
+            pics = await req.aresult(request_timeout)
+        except asyncio.TimeoutError:
             req.cancel()
             return error(504, f"the images took longer than {request_timeout:g} s (request_timeout)")
         images_total[0] += len(pics)

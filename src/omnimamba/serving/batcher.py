@@ -1,9 +1,10 @@
 """Continuous batching: requests join a running decode batch at a step boundary and leave it when they finish,
 with no cost for history, since a Mamba-2 sequence's whole past is a fixed-size state.
 
-One thread per task owns its decode loop. Each loop turn: admit waiting items into free slots (each is prefilled
-alone, then its conv and SSM states are copied into its rows of the shared cache), sample one token for every
-slot (each with its own settings and seed), hand the tokens to their requests, retire finished or cancelled slots
+One thread per task owns its decode loop. Each loop turn: admit waiting items into free slots (prefilled together,
+up to `prefill_batch` at a time, then their conv and SSM states are copied into their rows of the shared cache),
+sample one token for every slot (each with its own settings and seed; greedy slots in one argmax, one device sync
+per step), hand the tokens to their requests, retire finished or cancelled slots
 (the last slot moves into the freed one, so slots stay packed in [0, n) and a step costs what n sequences cost),
 then run one decode step over the n slots. TextBatcher does answers (here); ImageBatcher (images.py) images.
 
@@ -14,6 +15,7 @@ smallest bucket that holds them (the rows past n are free slots, overwritten whe
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import queue
 import threading
@@ -25,16 +27,33 @@ from torch import Tensor
 
 from ..decoding import StepRunner, graphs_enabled
 from ..generation import check_sampling_args, make_generator, sample_next_token
+from ..sequence import pad_left
 
 
 class QueueFull(Exception):
     """The batcher's waiting queue is at its bound: retry later."""
 
 
+class LoopQueue:
+    """Where a batcher's thread puts a request's results for an asyncio handler to await: no thread waits per
+    request. put() from any thread; `await get(timeout)` on the event loop the queue was made on."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop, self._queue = loop, asyncio.Queue()
+
+    def put(self, item) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def get(self, timeout: float | None = None):
+        """The next item; asyncio.TimeoutError after `timeout` seconds (the item, when it comes, is kept)."""
+        return await asyncio.wait_for(self._queue.get(), timeout)
+
+
 @dataclass
 class TextRequest:
     """One answer to generate: pixels (1, 3, H, W), the prompt's text ids, sampling settings. Tokens arrive
-    on `tokens` (ints), then None; an exception instead if the request failed. `cancel()` stops it."""
+    on `tokens` (ints), then None; an exception instead if the request failed. `cancel()` stops it. `tokens`
+    is a queue.Queue (iterate the request from a thread) or a LoopQueue (await it from an event loop)."""
 
     pixels: Tensor
     ids: list[int]
@@ -86,6 +105,7 @@ class ContinuousBatcher:
 
     task = "mmu"
     width = 1
+    prefill_batch = 16  # waiting items prefilled together at most (bounds the prefill's activation memory)
 
     def __init__(self, model, max_batch: int = 32, max_queue: int = 256, lock: threading.Lock | None = None,
                  use_cuda_graph: bool | None = None):
@@ -227,19 +247,27 @@ class ContinuousBatcher:
 
     def _admit(self) -> None:
         while len(self.slots) < self.max_batch:
+            items, cancelled = [], []
             with self._wake:
-                if not self.waiting:
-                    return
-                item = self.waiting.popleft()
-            if self._cancelled(item):
+                while self.waiting and len(items) < min(self.max_batch - len(self.slots), self.prefill_batch):
+                    item = self.waiting.popleft()
+                    (cancelled if self._cancelled(item) else items).append(item)
+            for item in cancelled:
                 self._fail(item, None)
-                continue
+            if not items:
+                return
             try:
-                self._prefill(item, len(self.slots))
+                cache, hidden = self._prefill(items)
             except BaseException as e:
-                self._fail(item, e)
+                for item in items:
+                    self._fail(item, e)
                 continue
-            self.slots.append(_Slot(item, make_generator(self._seed(item), self.device)))
+            for k, item in enumerate(items):
+                rows = self._rows(len(self.slots))
+                self.cache.conv[:, rows] = cache.conv[:, self._rows(k)]
+                self.cache.ssm[:, rows] = cache.ssm[:, self._rows(k)]
+                self.hidden[rows] = hidden[self._rows(k)]
+                self.slots.append(_Slot(item, make_generator(self._seed(item), self.device)))
 
     def _rows(self, slot: int) -> slice:
         return slice(slot * self.width, (slot + 1) * self.width)
@@ -255,15 +283,9 @@ class ContinuousBatcher:
             self.slots[i] = self.slots[last]
         self.slots.pop()
 
-    def _fill(self, slot: int, single, hidden: Tensor) -> None:
-        """Copy a prefilled cache of `width` rows and its last hidden states into `slot`."""
-        rows = self._rows(slot)
-        self.cache.conv[:, rows] = single.conv
-        self.cache.ssm[:, rows] = single.ssm
-        self.hidden[rows] = hidden
-
     # --- what a subclass defines ---------------------------------------------------------------------------
-    def _prefill(self, item, slot: int) -> None:
+    def _prefill(self, items: list):
+        """Prefill `items` together: (a cache of len(items) * width rows, the rows' last hidden states)."""
         raise NotImplementedError
 
     def _sample(self, n: int) -> tuple[Tensor, list[int]]:
@@ -293,27 +315,35 @@ class TextBatcher(ContinuousBatcher):
 
     def submit(self, request: TextRequest) -> TextRequest:
         check_sampling_args(request.temperature, 0, request.top_p)
+        if request.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        # too long for the model's positions fails now, not midway
+        self.model.check_mmu_length(self.model.mmu_length(len(request.ids)) + request.max_tokens - 1)
         self._enqueue([request])
         return request
 
-    def _prefill(self, r: TextRequest, slot: int) -> None:
+    def _prefill(self, items: list[TextRequest]):
         m = self.model
-        ids = torch.tensor([r.ids], dtype=torch.long, device=self.device)
-        x = m.mmu_embeddings(r.pixels.to(self.device), ids)
-        r.position = x.size(1)  # where the first answer token goes
-        m.check_mmu_length(r.position + r.max_tokens - 1)  # too long fails now, not midway
-        single = m.allocate_cache(1, self.device)
-        self._fill(slot, single, m.backbone(x, cache=single, task=self.route)[:, -1])
+        ids, mask = pad_left([r.ids for r in items], m.special.pad)
+        pixels = torch.cat([r.pixels for r in items]).to(self.device)
+        x, mask, position = m.mmu_prefill_inputs(pixels, ids.to(self.device), mask.to(self.device))
+        for r, p in zip(items, position.tolist()):
+            r.position = p  # where the first answer token goes
+        cache = m.allocate_cache(len(items), self.device)
+        return cache, m.backbone(x, cache=cache, mask=mask, task=self.route)[:, -1]
 
     def _sample(self, n: int) -> tuple[Tensor, list[int]]:
         logits = self.model.answer_logits(self.hidden[:n])
-        end = self.model.special.end
-        inputs = torch.empty(n, 2, dtype=torch.long, device=self.device)  # (token, its position)
-        finished = []
+        tokens = logits.argmax(-1)  # greedy slots; sampled ones drawn from their own generators
         for i, slot in enumerate(self.slots):
             r = slot.item
-            t = int(sample_next_token(logits[i:i + 1], r.temperature, 0, r.top_p, slot.generator)[0])
-            inputs[i, 0], inputs[i, 1] = t, r.position
+            if r.temperature > 0:
+                tokens[i] = sample_next_token(logits[i:i + 1], r.temperature, 0, r.top_p, slot.generator)[0]
+        end = self.model.special.end
+        rows, finished = [], []
+        for i, (slot, t) in enumerate(zip(self.slots, tokens.tolist())):  # the step's one device sync
+            r = slot.item
+            rows.append((t, r.position))  # (token, its position)
             r.position += 1
             if r.cancelled:
                 r.finish_reason = "cancelled"
@@ -327,7 +357,7 @@ class TextBatcher(ContinuousBatcher):
                     r.finish_reason = "length"
             if r.finish_reason:
                 finished.append(i)
-        return inputs, finished
+        return torch.tensor(rows, dtype=torch.long, device=self.device), finished
 
     def _embed(self, inputs: Tensor) -> Tensor:
         emb = self.model.backbone.embedding(inputs[:, 0])

@@ -18,14 +18,15 @@ import torch
 from torch import Tensor
 
 from ..generation import check_sampling_args, sample_next_token
-from ..model.generate import cfg_logits
+from ..model.generate import _pad_left_to, cfg_logits
 from .batcher import ContinuousBatcher
 
 
 @dataclass
 class ImageRequest:
     """n images of one caption: prefix ids [T2I][SOT]{caption}[EOT][SOI] and its caption mask (sequence.t2i_prefix).
-    `result()` blocks until the PIL images are ready (or raises)."""
+    The PIL images (a list), an exception, or None (cancelled) arrive on `results`: a queue.Queue read by
+    `result()`, which blocks, or a LoopQueue that an event loop awaits."""
 
     prefix_ids: list[int]
     caption_mask: list[bool]
@@ -40,7 +41,7 @@ class ImageRequest:
     seed: int | None = None
     submitted: float = field(default_factory=time.perf_counter)
     _codes: list = field(default_factory=list)
-    _done: queue.Queue = field(default_factory=queue.Queue)
+    results: queue.Queue = field(default_factory=queue.Queue)
     _cancelled: threading.Event = field(default_factory=threading.Event)
     _failed: bool = False
     codes_done: int = 0  # image codes sampled so far, over all n images (progress: codes_done / (n * tokens))
@@ -53,7 +54,15 @@ class ImageRequest:
         return self._cancelled.is_set()
 
     def result(self, timeout: float | None = None) -> list:
-        out = self._done.get(timeout=timeout)
+        """The images (blocking; `results` a queue.Queue): queue.Empty after `timeout` seconds."""
+        return self._unwrap(self.results.get(timeout=timeout))
+
+    async def aresult(self, timeout: float | None = None) -> list:
+        """The images (awaited; `results` a LoopQueue): asyncio.TimeoutError after `timeout` seconds."""
+        return self._unwrap(await self.results.get(timeout))
+
+    @staticmethod
+    def _unwrap(out) -> list:
         if isinstance(out, BaseException):
             raise out
         if out is None:
@@ -87,32 +96,41 @@ class ImageBatcher(ContinuousBatcher):
         self._enqueue([_Image(request, k) for k in range(request.n)])
         return request
 
-    def _prefill(self, item: _Image, slot: int) -> None:
-        m, r = self.model, item.request
-        ids = torch.tensor([r.prefix_ids], dtype=torch.long, device=self.device)
-        caption = torch.tensor([r.caption_mask], dtype=torch.bool, device=self.device)
-        # row 2 is the unconditional one (null caption, or the null prompt)
-        ids, mask, caption, drop = m.guidance_rows(ids, torch.ones_like(ids), caption, r.null_prefix)
+    def _prefill(self, items: list[_Image]):
+        m = self.model
+        rows = []  # per image: its conditional row, then its unconditional one (null caption or null prompt)
+        for item in items:
+            r = item.request
+            ids = torch.tensor([r.prefix_ids], dtype=torch.long, device=self.device)
+            caption = torch.tensor([r.caption_mask], dtype=torch.bool, device=self.device)
+            rows.append(m.guidance_rows(ids, torch.ones_like(ids), caption, r.null_prefix))
+        width = max(ids.size(1) for ids, *_ in rows)
+        ids, mask, caption = (torch.cat([_pad_left_to(row[k], width, fill) for row in rows])
+                              for k, fill in enumerate((m.special.pad, 0, False)))
+        drop = None if rows[0][3] is None else torch.cat([row[3] for row in rows])
         x = m.t2i_prefix_embeddings(ids, mask, caption, drop)
-        single = m.allocate_cache(2, self.device)
-        self._fill(slot, single, m.backbone(x, cache=single, mask=mask, task=self.route)[:, -1])
+        cache = m.allocate_cache(2 * len(items), self.device)
+        return cache, m.backbone(x, cache=cache, mask=mask, task=self.route)[:, -1]
 
     def _sample(self, n: int) -> tuple[Tensor, list[int]]:
         m = self.model
         logits = m.image_logits(self.hidden[: 2 * n]).float()
-        inputs = torch.empty(n, 2, dtype=torch.long, device=self.device)  # (code, its position)
-        finished = []
-        for i, slot in enumerate(self.slots):
+        cond, uncond = logits[0::2], logits[1::2]
+        scale = torch.tensor([slot.item.request.guidance for slot in self.slots], device=self.device)[:, None]
+        mixed = torch.where(scale == 1.0, cond, cfg_logits(cond, uncond, scale))
+        codes = torch.cat([sample_next_token(mixed[i:i + 1], slot.item.request.temperature, slot.item.request.top_k,
+                                             slot.item.request.top_p, slot.generator)
+                           for i, slot in enumerate(self.slots)])
+        rows, finished = [], []
+        for i, (slot, code) in enumerate(zip(self.slots, codes.tolist())):  # the step's one device sync
             item, r = slot.item, slot.item.request
-            mixed = logits[2 * i] if r.guidance == 1.0 else cfg_logits(logits[2 * i], logits[2 * i + 1], r.guidance)
-            code = int(sample_next_token(mixed[None], r.temperature, r.top_k, r.top_p, slot.generator)[0])
-            inputs[i, 0], inputs[i, 1] = code, m.t2i_image_start + len(item.codes)
+            rows.append((code, m.t2i_image_start + len(item.codes)))  # (code, its position)
             item.codes.append(code)
             r.codes_done += 1
             self.tokens_total += 1
             if r.cancelled or len(item.codes) == m.config.image_tokens:
                 finished.append(i)
-        return inputs, finished
+        return torch.tensor(rows, dtype=torch.long, device=self.device), finished
 
     def _embed(self, inputs: Tensor) -> Tensor:
         codes, positions = inputs[:, 0].repeat_interleave(2), inputs[:, 1].repeat_interleave(2)
@@ -131,7 +149,7 @@ class ImageBatcher(ContinuousBatcher):
 
             codes = torch.tensor(r._codes, dtype=torch.long, device=self.device)
             pixels = self.model.vq.decode(codes)
-            r._done.put([Image.fromarray(a) for a in to_uint8(pixels)])
+            r.results.put([Image.fromarray(a) for a in to_uint8(pixels)])
             self.latencies.append(time.perf_counter() - r.submitted)
             self.requests_total += 1
 
@@ -139,4 +157,4 @@ class ImageBatcher(ContinuousBatcher):
         r = item.request
         if not r._failed:  # once per request, whichever of its images fails first
             r._failed = True
-            r._done.put(error)
+            r.results.put(error)
