@@ -4,7 +4,8 @@ clients, for the continuous batcher against the same server answering one reques
 Loopback only and bounded: each server is started here on a free 127.0.0.1 port, receives a fixed number of
 requests per concurrency level, and is stopped. Every request of a level asks for the same number of tokens
 (greedy; a random-weight model rarely says [EOT], so the work per request is the same in both servers); each
-server first answers two untimed requests (kernel compilation and other first-call costs). A non-200 answer or a
+server first answers an untimed round of requests, as many at once as it will batch (kernel compilation and
+other first-call costs). A non-200 answer or a
 lost request is counted, not hidden. Prints a table, writes JSON.
 
     python benchmarks/serve_load.py [--model DIR] [--clients 1 8 32 64] [--max-tokens 16] [--out FILE]
@@ -144,7 +145,9 @@ def main() -> None:
             port = free_port()
             proc = serve(model, port, max_batch, args.device, args.dtype, args.start_timeout)
             try:
-                asyncio.run(level(port, 1, 2, args.max_tokens[0]))  # warm-up, not counted: first-call kernel set-up
+                # warm-up, not counted: first-call kernel compilation at the batch sizes the levels reach
+                warm = min(max_batch, max(args.clients))
+                asyncio.run(level(port, warm, max(2, warm), args.max_tokens[0]))
                 for tokens in args.max_tokens:
                     for c in args.clients:
                         n = args.requests or max(16, 2 * c)
