@@ -5,8 +5,7 @@ Loopback only and bounded: each server is started here on a free 127.0.0.1 port,
 requests per concurrency level, and is stopped. Every request of a level asks for the same number of tokens
 (greedy; a random-weight model rarely says [EOT], so the work per request is the same in both servers); each
 server first answers an untimed round of requests, as many at once as it will batch (kernel compilation and
-other first-call costs). A non-200 answer or a
-lost request is counted, not hidden. Prints a table, writes JSON.
+other first-call costs). A non-200 answer or a lost request is counted, not hidden. Prints a table, writes JSON.
 
     python benchmarks/serve_load.py [--model DIR] [--clients 1 8 32 64] [--max-tokens 16] [--out FILE]
     python benchmarks/serve_load.py --preset omnimamba-1.3b --dtype bfloat16 --device cuda \
