@@ -28,6 +28,7 @@ from .batcher import LoopQueue, QueueFull, TextBatcher, TextRequest
 from .images import ImageBatcher, ImageRequest
 
 MAX_IMAGES_PER_REQUEST = 16
+DISCONNECT_CHECK_S = 0.25  # how often a handler asks whether its client went away
 
 
 class BadRequest(Exception):
@@ -207,11 +208,11 @@ def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limi
         batcher.submit(req)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         done, timed_out = object(), object()
-        answer = TextPieces(tokenizer)
+        checked = [time.perf_counter()]
 
-        async def next_piece():
-            """The next text piece, `done` at the end, `timed_out` once the request has run request_timeout
-            seconds (then it is cancelled: the batcher drops its row at the next step)."""
+        async def next_token():
+            """The next token, `done` at the end, `timed_out` once the request has run request_timeout seconds
+            (then it is cancelled: the batcher drops its row at the next step)."""
             left = request_timeout - (time.perf_counter() - req.submitted)
             try:
                 item = await tokens.get(max(left, 0))
@@ -220,7 +221,14 @@ def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limi
                 return timed_out
             if isinstance(item, BaseException):
                 raise item
-            return done if item is None else answer.push(item)
+            return done if item is None else item
+
+        async def gone() -> bool:
+            """Whether the client went away; asked at most every DISCONNECT_CHECK_S (each ask is a receive)."""
+            if time.perf_counter() - checked[0] < DISCONNECT_CHECK_S:
+                return False
+            checked[0] = time.perf_counter()
+            return await request.is_disconnected()
 
         if body.get("stream"):
             async def events():
@@ -228,36 +236,36 @@ def create_app(model, max_batch: int = 32, max_queue: int = 256, max_tokens_limi
                     return "data: " + _dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
                                               "model": name, "choices": [{"index": 0, "delta": delta,
                                                                           "finish_reason": finish}]}) + "\n\n"
+                answer = TextPieces(tokenizer)
                 try:
                     yield chunk({"role": "assistant"})
                     while True:
-                        if await request.is_disconnected():
-                            req.cancel()
+                        if await gone():
                             return
-                        piece = await next_piece()
-                        if piece is done or piece is timed_out:
+                        token = await next_token()
+                        if token is done or token is timed_out:
                             break
+                        piece = answer.push(token)
                         if piece:
                             yield chunk({"content": piece})
-                    yield chunk({}, "timeout" if piece is timed_out else req.finish_reason or "stop")
+                    yield chunk({}, "timeout" if token is timed_out else req.finish_reason or "stop")
                     yield "data: [DONE]\n\n"
                 finally:
                     req.cancel()
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        text = ""
+        answer = []
         try:
             while True:
-                piece = await next_piece()
-                if piece is timed_out:
+                token = await next_token()
+                if token is timed_out:
                     return error(504, f"the answer took longer than {request_timeout:g} s (request_timeout)")
-                if piece is done:
+                if token is done or await gone():  # nobody to answer: free the row
                     break
-                text += piece
-                if await request.is_disconnected():  # nobody to answer: free the row
-                    break
+                answer.append(token)
         finally:
             req.cancel()
+        text = tokenizer.decode(answer).strip()
         return {"id": rid, "object": "chat.completion", "created": created, "model": name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": req.finish_reason or "stop"}],
