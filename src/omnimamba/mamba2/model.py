@@ -23,6 +23,7 @@ from types import ModuleType
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ..ops import load_backend, resolve_backend_name
 from ..ops.reference import discretize_dt
@@ -149,6 +150,10 @@ class Mamba2Block(nn.Module):
 
 
 class Mamba2Backbone(nn.Module):
+    # Activation checkpointing per block in training: keep each block's input only and recompute the block in
+    # the backward (memory: one block's activations instead of every block's, for about a third more compute).
+    gradient_checkpointing: bool = False
+
     def __init__(self, config: Mamba2Config, kernels: ModuleType):
         super().__init__()
         self.config = config
@@ -166,8 +171,12 @@ class Mamba2Backbone(nn.Module):
     ) -> Tensor:
         """inputs_embeds (b, l, d_model) -> final hidden states (b, l, d_model)."""
         hidden, residual = inputs_embeds, None
+        recompute = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, cache=cache, mask=mask, task=task)
+            if recompute:
+                hidden, residual = checkpoint(layer, hidden, residual, None, mask, task, use_reentrant=False)
+            else:
+                hidden, residual = layer(hidden, residual, cache=cache, mask=mask, task=task)
         out = self._final_norm(hidden, residual)
         if cache is not None:
             cache.seqlen_offset += inputs_embeds.size(1)

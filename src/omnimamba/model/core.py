@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..decoding import StepRunnerPool
@@ -28,13 +27,14 @@ from ..lora import TaskLoRALinear, add_task_lora, check_task
 from ..mamba2 import Mamba2Cache
 from ..mamba2.model import Mamba2Backbone, init_mamba2_backbone_
 from ..ops import load_backend, resolve_backend_name
-from ..sequence import IGNORE_INDEX, MMUBatch, SpecialIds, T2IBatch, mmu_prefix_ids
+from ..sequence import MMUBatch, SpecialIds, T2IBatch, mmu_prefix_ids
 from ..vision.understanding import FusedMLPProjector, build_understanding_encoder, merge_patches
 from ..vision.vq import VQModel
 from .checkpoint import CheckpointMixin
 from .config import OmniMambaConfig
 from .embeddings import CaptionEmbedder, ImageTokenEmbedding
 from .generate import GenerationMixin
+from .loss import token_loss
 
 
 class OmniMamba(GenerationMixin, CheckpointMixin, nn.Module):
@@ -146,8 +146,7 @@ class OmniMamba(GenerationMixin, CheckpointMixin, nn.Module):
     def mmu_length(self, n_text: int) -> int:
         """Tokens in [MMU][SOI]{image}[EOI][SOT]{text} for n_text text tokens: where the answer starts."""
         before, after = mmu_prefix_ids(self.special)
-        n_image = self.understanding.num_patches // self.config.understanding.spatial_merge ** 2
-        return len(before) + n_image + len(after) + n_text
+        return len(before) + self.image_positions + len(after) + n_text
 
     def check_mmu_length(self, length: int) -> None:
         """An MMU sequence of `length` tokens (image, prompt and answer) must fit the learned positions."""
@@ -168,8 +167,7 @@ class OmniMamba(GenerationMixin, CheckpointMixin, nn.Module):
         hidden = self.backbone(x, task=self._route("mmu"))
         T = batch.text_ids.size(1)
         # The hidden state before text token t predicts it: positions -T-1 .. -2.
-        logits = self.text_logits(hidden[:, -T - 1:-1])
-        return _loss(logits, batch.labels, reduction)
+        return self._loss(hidden[:, -T - 1:-1], self.text_logits, batch.labels, reduction)
 
     # --- T2I ----------------------------------------------------------------------------------------
     def t2i_prefix_embeddings(self, prefix_ids: Tensor, prefix_mask: Tensor, caption_mask: Tensor,
@@ -219,10 +217,22 @@ class OmniMamba(GenerationMixin, CheckpointMixin, nn.Module):
                                                          device=prefix.device)], dim=1)
         hidden = self.backbone(x, mask=mask, task=self._route("t2i"))
         P = batch.prefix_ids.size(1)
-        logits = self.image_logits(hidden[:, P - 1:P - 1 + N])
-        return _loss(logits, batch.image_codes, reduction)
+        return self._loss(hidden[:, P - 1:P - 1 + N], self.image_logits, batch.image_codes, reduction)
 
     # --- helpers ------------------------------------------------------------------------------------
+    # Tokens per chunk of the output head and cross-entropy in training: 0 applies the head to every position
+    # at once (and returns the logits); N > 0 only to positions with a target, N at a time, each chunk's logits
+    # recomputed in the backward (memory: one chunk's logits instead of (tokens, vocabulary) in float32; the
+    # forward then returns no logits). Set by the training config's run.loss_chunk.
+    loss_chunk: int = 0
+
+    def _loss(self, hidden: Tensor, head, targets: Tensor, reduction: str) -> tuple[Tensor | None, ...]:
+        """(logits or None, summed loss, target count) for reduction 'sum'; (logits or None, mean loss)."""
+        logits, loss, tokens = token_loss(hidden, head, targets, self.loss_chunk)
+        if reduction == "sum":
+            return logits, loss, tokens
+        return logits, loss / tokens.clamp(min=1)
+
     def _route(self, task: str) -> str | None:
         check_task(task)
         return task if self.config.task_lora else None
@@ -303,12 +313,3 @@ class OmniMamba(GenerationMixin, CheckpointMixin, nn.Module):
         from ..inference import generate_images
 
         return generate_images(self, self._require_tokenizer(), prompts, **kwargs)
-
-
-def _loss(logits: Tensor, targets: Tensor, reduction: str) -> tuple[Tensor, ...]:
-    flat = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-    tokens = (targets != IGNORE_INDEX).sum()
-    if reduction == "sum":
-        return logits, flat, tokens
-    return logits, flat / tokens.clamp(min=1)

@@ -142,6 +142,10 @@ class RunSection:
     tensorboard: bool = True
     progress: bool = True
     strategy: str = "ddp"        # multi-process: "ddp" | "fsdp" (FSDP2)
+    # memory options (same losses and gradients; see docs): recompute each backbone block in the backward,
+    # and apply the output heads + cross-entropy to target positions only, this many at a time (0: all at once)
+    activation_checkpointing: bool = False
+    loss_chunk: int = 0
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,8 @@ class TrainConfig:
             raise UserError("vq_train: steps >= 0, lr > 0 and batch >= 1 are required")
         if self.run.eval_temperature < 0 or self.run.eval_top_k < 0:
             raise UserError("run.eval_temperature and run.eval_top_k must be >= 0")
+        if self.run.loss_chunk < 0:
+            raise UserError(f"run.loss_chunk must be >= 0 (0: no chunking), got {self.run.loss_chunk}")
         for name in ("log_every", "ckpt_every"):
             if getattr(self.run, name) < 1:
                 raise UserError(f"run.{name} must be >= 1")

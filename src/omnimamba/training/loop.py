@@ -52,6 +52,8 @@ class Trainer:
                           else TextTokenizer.shapes())
         self.model = self._build_model().to(self.device)
         self.model.tokenizer = self.tokenizer
+        self.model.backbone.gradient_checkpointing = config.run.activation_checkpointing
+        self.model.loss_chunk = config.run.loss_chunk
         self.world = shapes_world(config) if config.data.source == "shapes" else None
         self.mmu_source = self.t2i_source = None
         self._metrics = None
