@@ -11,6 +11,11 @@ token ids, the same optimizer and autocast; run at the batch OmniMamba fitted, a
 frozen DINOv2 + SigLIP forward. Tokens counted: every sequence position through the backbone.
 
     python benchmarks/training_throughput.py [--mmu-batch 3] [--t2i-batch 48] [--steps 8]
+        [--activation-checkpointing] [--loss-chunk 4096]
+
+Memory options (the training config's run.activation_checkpointing and run.loss_chunk): per-block activation
+checkpointing (the baseline gets transformers' gradient checkpointing too), and the heads + cross-entropy on
+target positions only, N at a time, recomputed in the backward.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from omnimamba.model import OmniMamba, preset
 from omnimamba.sequence import IGNORE_INDEX, MMUBatch, T2IBatch
 from omnimamba.training.stages import apply_freeze_plan
 
-COLUMNS = ["system", "mmu_batch", "t2i_batch", "tokens_per_step", "step_s", "tokens_per_s", "peak_GiB", "note"]
+COLUMNS = ["system", "options", "mmu_batch", "t2i_batch", "tokens_per_step", "step_s", "tokens_per_s", "peak_GiB",
+           "note"]
 TEXT = 128
 
 
@@ -83,14 +89,18 @@ def main() -> None:
     ap.add_argument("--t2i-batch", type=int, default=48)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward")
+    ap.add_argument("--loss-chunk", type=int, default=0, help="target positions per head + loss chunk (0: all)")
     args = ap.parse_args()
+    options = ", ".join([o for o, on in (("checkpointing", args.activation_checkpointing),
+                                         (f"loss chunk {args.loss_chunk}", args.loss_chunk)) if on]) or "none"
     info = gc.device_info()
     rows = []
 
     def record(system: str, build, batches) -> tuple[int, int]:
         """Run at the first of `batches` (mmu, t2i) that fits in memory; every try is a row."""
         for bm, bt in batches:
-            row = {"system": system, "mmu_batch": bm, "t2i_batch": bt}
+            row = {"system": system, "options": options, "mmu_batch": bm, "t2i_batch": bt}
             step = None
             try:
                 torch.cuda.empty_cache()
@@ -117,6 +127,8 @@ def main() -> None:
     with torch.device("cuda"):
         model = OmniMamba(preset("omnimamba-1.3b"), backend="auto")
     model.train()
+    model.backbone.gradient_checkpointing = args.activation_checkpointing
+    model.loss_chunk = args.loss_chunk
     apply_freeze_plan(model, "stage2-unified")
     n_image = model.encode_images(torch.rand(1, 3, 384, 384, device="cuda")).size(1)
     mmu_len, t2i_len = 4 + n_image + TEXT, 2 + model.config.max_caption_tokens + 2 + model.config.image_tokens + 1
@@ -128,16 +140,20 @@ def main() -> None:
     torch.cuda.empty_cache()
 
     llama = gc.llama_baseline().float().train()
+    if args.activation_checkpointing:
+        llama.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     record("llama", lambda bm, bt: llama_step_fn(llama, bm, bt, mmu_len, t2i_len), [fitted])
     if fitted != (bm, bt):
         record("llama", lambda bm, bt: llama_step_fn(llama, bm, bt, mmu_len, t2i_len), [(bm, bt)])
 
     print()
     gc.print_table(rows, COLUMNS)
-    path = gc.write_json("training_throughput", {
+    name = "training_throughput" if options == "none" else "training_throughput_memory_options"
+    path = gc.write_json(name, {
         "benchmark": "stage-2 training step (forward, backward, fused AdamW), bf16 autocast, float32 master weights",
         "weights": gc.RANDOM_WEIGHTS, "mmu_sequence": mmu_len, "t2i_sequence": t2i_len,
-        "scan_backward": scan_backward, "warmup_steps": args.warmup, "timed_steps": args.steps, **info,
+        "scan_backward": scan_backward, "options": options, "warmup_steps": args.warmup, "timed_steps": args.steps,
+        **info,
         "rows": rows})
     print(f"wrote {path}")
 
