@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the served weights' dtype")
     ap.add_argument("--start-timeout", type=float, default=600, help="seconds a server may take to start")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
-    ap.add_argument("--requests", type=int, default=0, help="requests per level (default: 2 x clients, at least 16)")
+    ap.add_argument("--requests", type=int, default=0, help="requests per level (default: 2 x clients, at least 48)")
     ap.add_argument("--max-tokens", type=int, nargs="+", default=[16], help="answer lengths, each run at every level")
     ap.add_argument("--max-batch", type=int, default=64, help="the continuous batcher's rows")
     ap.add_argument("--device", default="cpu")
@@ -149,7 +149,7 @@ def main() -> None:
                 asyncio.run(level(port, warm, max(2, warm), args.max_tokens[0]))
                 for tokens in args.max_tokens:
                     for c in args.clients:
-                        n = args.requests or max(16, 2 * c)
+                        n = args.requests or max(48, 2 * c)
                         r = {"system": system, "max_batch": max_batch, "max_tokens": tokens,
                              **asyncio.run(level(port, c, n, tokens))}
                         rows.append(r)
