@@ -157,10 +157,9 @@ def test_learned_mmu_positions_on_the_graphed_path_match_the_chunked_forward():
 def test_served_requests_on_graphed_steps_equal_each_request_alone():
     """The server's batchers replay their decode steps as CUDA graphs (one per bucket of slot counts):
     concurrent requests of different lengths, joining and leaving, each get what they get alone."""
-    import threading
-
     import numpy as np
 
+    from helpers.serving import submit_concurrently
     from omnimamba.inference import answer, generate_images, prompt_ids, to_pixels
     from omnimamba.serving.batcher import TextBatcher, TextRequest
     from omnimamba.serving.images import ImageBatcher, ImageRequest
@@ -175,12 +174,7 @@ def test_served_requests_on_graphed_steps_equal_each_request_alone():
     try:
         assert batcher.graphed and sorted(batcher.runners) == [1, 2, 4, 5]
         reqs = [TextRequest(pixels=to_pixels([im], 64), ids=prompt_ids(TOK, q), max_tokens=n) for im, q, n in jobs]
-        threads = [threading.Thread(target=batcher.submit, args=(r,)) for r in reqs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        together = [TOK.decode(list(r)).strip() for r in reqs]
+        together = [TOK.decode(tokens).strip() for tokens in submit_concurrently(batcher, reqs)]
     finally:
         batcher.close()
     assert together == alone and batcher.requests_total == 16

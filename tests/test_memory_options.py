@@ -1,6 +1,7 @@
-"""Training memory options give the training they replace: per-block activation checkpointing and the chunked
-head + cross-entropy (no (tokens, vocabulary) float32 logits) against the plain forward and backward, on the
-CPU, in float32, with the recomputation counted so the options are known to be on."""
+"""Training memory options give the training they replace: per-block activation checkpointing, the chunked
+head + cross-entropy (no (tokens, vocabulary) float32 logits) and gradient accumulation over micro-batches,
+against the plain forward and backward, on the CPU, in float32, with the recomputation counted so the options
+are known to be on."""
 
 import json
 
@@ -14,6 +15,7 @@ from omnimamba.sequence import IGNORE_INDEX, MMUBatch, T2IBatch, mmu_example, t2
 from omnimamba.tokenizer import TextTokenizer
 from omnimamba.training.config import config_from_dict
 from omnimamba.training.loop import Trainer
+from omnimamba.training.step import micro_splits
 
 TOK = TextTokenizer.shapes()
 
@@ -105,15 +107,16 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert blocks[0] == before + 1
 
 
-def train_losses(out, **run):
+def train_losses(out, batch=(2, 2), **run):
     config = config_from_dict({
         "model": {"preset": "shapes-tiny"}, "data": {"shapes": {"train_images": 32}},
-        "stages": [{"name": "stage2-unified", "steps": 3, "lr": 0.002, "batch": [2, 2]}],
+        "stages": [{"name": "stage2-unified", "steps": 3, "lr": 0.002, "batch": list(batch)}],
         "run": {"out": str(out), "eval_images": 0, "eval_prompts": 0, "progress": False, "log_every": 1,
                 "tensorboard": False, **run}})
     Trainer(config, log=lambda *a, **k: None).run()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r and r.get("stage") == "stage2-unified"]
+    # the loss and the gradient's norm (before clipping; Adam's update alone would hide a wrong gradient scale)
+    return [(r["loss"], r["grad_norm"]) for r in rows if "loss" in r and r.get("stage") == "stage2-unified"]
 
 
 def test_training_with_both_options_follows_the_plain_run(tmp_path):
@@ -123,6 +126,30 @@ def test_training_with_both_options_follows_the_plain_run(tmp_path):
     torch.testing.assert_close(torch.tensor(lean), torch.tensor(plain), rtol=1e-4, atol=0)
 
 
-def test_a_negative_loss_chunk_is_refused():
+def test_micro_batches_accumulate_to_the_whole_batch(tmp_path):
+    """Gradient accumulation: the step's batch in micro-batches of 1 and 3 sequences per task (MMU 2, T2I 5:
+    the tasks split over the same number of forwards) trains as the whole batch at once."""
+    whole = train_losses(tmp_path / "whole", batch=[2, 5])
+    for size in (1, 3):
+        micro = train_losses(tmp_path / f"micro{size}", batch=[2, 5], micro_batch=size)
+        torch.testing.assert_close(torch.tensor(micro), torch.tensor(whole), rtol=1e-5, atol=0)
+
+
+def test_micro_splits_cover_each_task_once_within_the_size():
+    for mmu, t2i, size in ((2, 5, 1), (2, 5, 3), (0, 7, 2), (6, 0, 4), (3, 48, 16), (4, 4, 0)):
+        splits = micro_splits(list(range(mmu)), list(range(100, 100 + t2i)), size)
+        assert [i for m, _ in splits for i in m] == list(range(mmu))
+        assert [i for _, t in splits for i in t] == list(range(100, 100 + t2i))
+        assert all(m or t for m, t in splits)
+        if size:
+            assert all(len(m) <= size and len(t) <= size for m, t in splits)
+            assert len(splits) == -(-max(mmu, t2i) // size)
+        else:
+            assert len(splits) == 1
+
+
+def test_negative_memory_options_are_refused():
     with pytest.raises(UserError, match="run.loss_chunk"):
         config_from_dict({"run": {"loss_chunk": -1}})
+    with pytest.raises(UserError, match="run.micro_batch"):
+        config_from_dict({"run": {"micro_batch": -1}})

@@ -19,6 +19,7 @@ from omnimamba.model import OmniMamba, preset  # noqa: E402
 from omnimamba.serving.app import create_app  # noqa: E402
 from omnimamba.serving.batcher import TextBatcher, TextRequest  # noqa: E402
 from omnimamba.tokenizer import TextTokenizer  # noqa: E402
+from helpers.serving import submit_concurrently  # noqa: E402
 
 QUESTIONS = ["how many circles are there?", "what color is the square?", "is there a red triangle in the image?",
              "where is the blue circle relative to the green square?", "describe the image.", "how many shapes are there?"]
@@ -49,12 +50,7 @@ def test_concurrent_requests_get_the_answers_they_get_alone(model):
     batcher = TextBatcher(model, max_batch=5)  # fewer rows than requests: they must join and leave
     try:
         reqs = [TextRequest(pixels=to_pixels([im], 64), ids=prompt_ids(tok, q), max_tokens=n) for im, q, n in jobs]
-        threads = [threading.Thread(target=batcher.submit, args=(r,)) for r in reqs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        together = [tok.decode(list(r)).strip() for r in reqs]
+        together = [tok.decode(tokens).strip() for tokens in submit_concurrently(batcher, reqs)]
     finally:
         batcher.close()
     assert together == alone

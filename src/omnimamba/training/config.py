@@ -146,6 +146,8 @@ class RunSection:
     # and apply the output heads + cross-entropy to target positions only, this many at a time (0: all at once)
     activation_checkpointing: bool = False
     loss_chunk: int = 0
+    # sequences per task in one forward on a process (0: its whole share of the step); the rest accumulate
+    micro_batch: int = 0
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,8 @@ class TrainConfig:
             raise UserError("vq_train: steps >= 0, lr > 0 and batch >= 1 are required")
         if self.run.eval_temperature < 0 or self.run.eval_top_k < 0:
             raise UserError("run.eval_temperature and run.eval_top_k must be >= 0")
+        if self.run.micro_batch < 0:
+            raise UserError(f"run.micro_batch must be >= 0 (0: the whole batch at once), got {self.run.micro_batch}")
         if self.run.loss_chunk < 0:
             raise UserError(f"run.loss_chunk must be >= 0 (0: no chunking), got {self.run.loss_chunk}")
         for name in ("log_every", "ckpt_every"):

@@ -21,6 +21,7 @@ from .checkpoint import load_checkpoint, newest_intact, save_checkpoint
 from .config import StageConfig, TrainConfig
 from .data import (FileMMU, FileT2I, ShapesMMU, ShapesT2I, cached_codes, mmu_batch, shapes_world, t2i_batch)
 from .stages import apply_freeze_plan, freeze_summary
+from .step import forward_backward, micro_splits, share
 from ..evaluation.curves import VQ_STAGE
 from .vq import load_vq, save_vq, train_vq
 
@@ -212,40 +213,24 @@ class Trainer:
         return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                    find_unused_parameters=True)
 
-    def _slice(self, step: int, batch: int) -> list[int]:
-        """This rank's share of the global sample indices of `step`."""
-        per = batch // self.world_size
-        start = step * batch + self.rank * per
-        return list(range(start, start + per))
-
-    def _step_loss(self, engine, step: int, stage: StageConfig) -> tuple[torch.Tensor, dict[str, float], int]:
-        mb = bt = None
-        if stage.batch[0]:
-            mb = mmu_batch(self.mmu_source, self.tokenizer, self._slice(step, stage.batch[0])).to(self.device)
-        if stage.batch[1]:
-            bt = t2i_batch(self.t2i_source, self.tokenizer, self._slice(step, stage.batch[1]),
-                           self.model.config.max_caption_tokens, self.model.config.caption_dropout,
-                           self.cfg.run.seed).to(self.device)
-        with self.precision_ctx:
-            out = engine(mmu=mb, t2i=bt)
-        # Normalise by the global number of target tokens, so N processes compute exactly the gradient
-        # of one process holding the whole batch (DDP averages gradients over the processes).
-        total, logs = 0.0, {}
-        for task in ("mmu", "t2i"):
-            if f"{task}_loss_sum" not in out:
-                continue
-            count = out[f"{task}_tokens"].detach().float()
-            if self.distributed:
-                dist.all_reduce(count)
-            loss = out[f"{task}_loss_sum"] / count.clamp(min=1) * self.world_size
-            total = total + loss
-            logs[f"{task}_loss"] = loss.item() / self.world_size
-        tokens = 0  # sequence positions processed, image features included
-        if mb is not None:
-            tokens += mb.text_ids.numel() + mb.text_ids.size(0) * (self.model.image_positions + 4)
-        if bt is not None:
-            tokens += bt.prefix_ids.numel() + bt.image_codes.numel() + bt.image_codes.size(0)
-        return total, logs, tokens
+    def _forward_backward(self, engine, step: int, stage: StageConfig) -> tuple[dict[str, float], int]:
+        """The step's gradients (accumulated over micro-batches), each task's loss, and the sequence positions
+        processed here (image features included)."""
+        c, cfg = self.cfg, self.model.config
+        mmu = share(step, stage.batch[0], self.rank, self.world_size) if stage.batch[0] else []
+        t2i = share(step, stage.batch[1], self.rank, self.world_size) if stage.batch[1] else []
+        micro, tokens = [], 0
+        for m, t in micro_splits(mmu, t2i, c.run.micro_batch):
+            mb = mmu_batch(self.mmu_source, self.tokenizer, m) if m else None
+            bt = t2i_batch(self.t2i_source, self.tokenizer, t, cfg.max_caption_tokens, cfg.caption_dropout,
+                           c.run.seed) if t else None
+            micro.append((mb, bt))
+            if mb is not None:
+                tokens += mb.text_ids.numel() + mb.text_ids.size(0) * (self.model.image_positions + 4)
+            if bt is not None:
+                tokens += bt.prefix_ids.numel() + bt.image_codes.numel() + bt.image_codes.size(0)
+        logs = forward_backward(engine, micro, self.device, self.precision_ctx, self.world_size, self.distributed)
+        return logs, tokens
 
     def run(self, resume: bool = False, only: list[str] | None = None) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -298,8 +283,7 @@ class Trainer:
             lr = stage.lr_at(step)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss, logs, tokens = self._step_loss(engine, step, stage)
-            loss.backward()
+            logs, tokens = self._forward_backward(engine, step, stage)
             faults.point("step")
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, c.optim.grad_clip)
             opt.step()
