@@ -11,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from omnimamba.cli import main
+from omnimamba.errors import UserError
 from omnimamba.training.checkpoint import list_checkpoints
 from omnimamba.training.config import config_from_dict
 from omnimamba.training.loop import Trainer
@@ -229,3 +230,10 @@ def test_multi_turn_mmu_examples_draw_distinct_questions_of_their_image():
         assert len(single.example(i)[1]) == 1
         counts.add(len(turns))
     assert counts == {1, 2, 3, 4}
+
+
+def test_a_rank_that_cannot_see_rank_0s_files_names_the_shared_filesystem(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, [{"name": "stage2-unified", "steps": 1, "batch": [1, 1]}]), log=quiet)
+    trainer.rank = 1  # as on a second node whose run.out is not rank 0's
+    with pytest.raises(UserError, match="filesystem every node shares"):
+        trainer._written_by_rank0(tmp_path / "codes.json", "the image-code cache")

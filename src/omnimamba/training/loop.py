@@ -128,8 +128,15 @@ class Trainer:
             self.log(f"VQ tokenizer: {v.steps} steps, reconstruction loss {r['final_recon_loss']:.4f}, saved to {vq_dir}")
         if self.distributed:
             dist.barrier()
+            self._written_by_rank0(vq_dir / "model.safetensors", "the trained VQ tokenizer")
             self.model.vq.load_state_dict(load_vq(vq_dir).state_dict())
         self._init_understanding()
+
+    def _written_by_rank0(self, path: Path, what: str) -> None:
+        """Every rank reads what rank 0 wrote under run.out: over several nodes that needs a shared filesystem."""
+        if not path.exists():
+            raise UserError(f"rank {self.rank}: {what} ({path}), written by rank 0, is not visible here: when training "
+                            "over several nodes, put run.out (and data.codes_cache) on a filesystem every node shares")
 
     def _vq_done(self) -> bool:
         """The tokenizer this run trained is complete on disk (its manifest written last, and matching)."""
@@ -177,6 +184,7 @@ class Trainer:
         if self.distributed:
             dist.barrier()
             if self.rank != 0:
+                self._written_by_rank0(Path(cache).with_suffix(".json"), "the image-code cache")
                 codes = cached_codes(self.model.vq, images_of, n, cache, progress=False, source_id=source_id)
         return codes
 
