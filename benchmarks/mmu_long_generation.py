@@ -9,6 +9,8 @@ length L (the per-token cost a generation pays once it is that long). Peak memor
 Rows:
   omnimamba             the 1.3B preset (DINOv2 + SigLIP at 384 px), bf16, fused kernels, CUDA-graph decode
   omnimamba-eager       the same without CUDA graphs
+  omnimamba-chunked     the same as omnimamba with the prompt prefilled --prefill-chunk positions at a time
+                        (model.prefill_chunk): the prefill's peak memory then stops growing with the prompt
   llama-stock           transformers LLaMA ~1.3B (DeepSeek-LLM-1.3B shape), SDPA, its stock `generate`
   llama-static-compile  the same with a static cache and torch.compile: `generate` with
                         cache_implementation="static", which compiles the decode step itself (the setting
@@ -85,8 +87,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 32768, 65536, 100000])
     ap.add_argument("--window", type=int, default=128, help="generated tokens timed at each length")
-    ap.add_argument("--systems", nargs="+", default=["omnimamba", "omnimamba-eager", "llama-stock",
-                                                     "llama-static-compile"])
+    ap.add_argument("--systems", nargs="+", default=["omnimamba", "omnimamba-eager", "omnimamba-chunked",
+                                                     "llama-stock", "llama-static-compile"])
+    ap.add_argument("--prefill-chunk", type=int, default=8192, help="omnimamba-chunked's prefill chunk")
     ap.add_argument("--budget-s", type=float, default=420, help="skip what would start after this many seconds")
     args = ap.parse_args()
     began = time.perf_counter()
@@ -116,9 +119,12 @@ def main() -> None:
         del cache
         run_omnimamba(model, 2048, 16, graph=True)  # compile the kernels, capture the graph
         for length in args.lengths:
-            for system, graph in (("omnimamba", True), ("omnimamba-eager", False)):
+            for system, graph, chunk in (("omnimamba", True, 0), ("omnimamba-eager", False, 0),
+                                         ("omnimamba-chunked", True, args.prefill_chunk)):
                 if system in args.systems:
+                    model.prefill_chunk = chunk
                     record(system, length, lambda: run_omnimamba(model, length, args.window, graph), step_bytes)
+            model.prefill_chunk = 0
         del model
         torch.cuda.empty_cache()
 
@@ -141,7 +147,8 @@ def main() -> None:
     gc.print_table(rows, COLUMNS)
     path = gc.write_json("mmu_long_generation", {
         "benchmark": "long MMU generation, decode phase at each total length (batch 1, bf16, greedy)",
-        "weights": gc.RANDOM_WEIGHTS, "window": args.window, "copy_bandwidth_TBps": bandwidth / 1e12,
+        "weights": gc.RANDOM_WEIGHTS, "window": args.window, "prefill_chunk": args.prefill_chunk,
+        "copy_bandwidth_TBps": bandwidth / 1e12,
         **info, "rows": rows})
     print(f"wrote {path}")
 

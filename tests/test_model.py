@@ -99,6 +99,30 @@ def test_text_generation_batched_equals_one_by_one_and_streams():
 
 
 @torch.no_grad()
+def test_chunked_prefill_equals_the_whole_prefill():
+    """prefill_chunk: the prompt (image, left-padded text) in chunks that continue the cache, the first
+    holding padding and real positions, gives the same states and tokens (float64: rounding stays far below
+    the tolerance)."""
+    model = make_model().double().eval()
+    images = torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    p = [TOK.encode("user: how many circles are there? assistant:"), TOK.encode("user: what? assistant:")]
+    ids, mask = pad_left(p, TOK.special.eot)
+    x, full_mask, _ = model.mmu_prefill_inputs(images, ids, mask)
+    whole = model.allocate_cache(2)
+    hidden = model.prefill(x, whole, full_mask, "mmu")
+    tokens = model.generate_text(images, ids, mask, max_new_tokens=8, stop_at_eot=False)
+    calls = [0]
+    model.backbone.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    model.prefill_chunk = 7  # row 2's 4 padded positions (moved to the front) share the first chunk
+    chunked = model.allocate_cache(2)
+    torch.testing.assert_close(model.prefill(x, chunked, full_mask, "mmu"), hidden, rtol=1e-10, atol=1e-12)
+    assert calls[0] == -(-x.size(1) // 7) and chunked.seqlen_offset == whole.seqlen_offset == x.size(1)
+    torch.testing.assert_close(chunked.conv, whole.conv, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(chunked.ssm, whole.ssm, rtol=1e-10, atol=1e-12)
+    assert torch.equal(model.generate_text(images, ids, mask, max_new_tokens=8, stop_at_eot=False), tokens)
+
+
+@torch.no_grad()
 def test_decoding_on_merged_route_weights_equals_the_lora_route():
     """Generation runs in_proj on a merged copy W + dW of the active route: same tokens as the unmerged
     route, the copy follows weight changes, and the base weight is untouched."""

@@ -25,6 +25,18 @@ class GenerationMixin:
     # dtype of the SSM state while generating: None is float32. torch.bfloat16 (what mamba_ssm uses for bf16
     # models) halves the state's memory traffic, most of a step at batch 32 (16 images with guidance).
     decode_state_dtype: torch.dtype | None = None
+    # Prefill a long prompt this many positions at a time (0: all at once), each chunk continuing the cache the
+    # last one left: the prefill's activations then grow with the chunk, not with the prompt. Same result.
+    prefill_chunk: int = 0
+
+    def prefill(self, x: Tensor, cache, mask: Tensor | None = None, task: str | None = None) -> Tensor:
+        """Run embeddings x (b, L, d) (left-padded rows marked by mask) into `cache`; the last hidden states
+        (b, d). In chunks of `prefill_chunk` positions when that is set and shorter than L."""
+        chunk = self.prefill_chunk or x.size(1)
+        for start in range(0, x.size(1), chunk):
+            part = None if mask is None else mask[:, start:start + chunk]
+            hidden = self.backbone(x[:, start:start + chunk], cache=cache, mask=part, task=task)[:, -1]
+        return hidden
 
     @contextmanager
     def _decoder(self, kind: str, batch_size: int, device: torch.device, use_cuda_graph: bool | None):
@@ -120,7 +132,7 @@ class GenerationMixin:
         self.check_mmu_length(int(next_position.max()) + max_new_tokens - 1)  # fail before decoding, not midway
         device = x.device
         with self._decoder("text", b, device, use_cuda_graph) as runner:
-            hidden = self.backbone(x, cache=runner.cache, mask=mask, task=self._route("mmu"))[:, -1].clone()
+            hidden = self.prefill(x, runner.cache, mask, self._route("mmu")).clone()
             del x, mask  # nothing as long as the prompt outlives the prefill: decoding memory stays constant
             generator = make_generator(seed, device)
             finished = torch.zeros(b, dtype=torch.bool, device=device)

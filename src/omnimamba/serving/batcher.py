@@ -330,7 +330,7 @@ class TextBatcher(ContinuousBatcher):
         for r, p in zip(items, position.tolist()):
             r.position = p  # where the first answer token goes
         cache = m.allocate_cache(len(items), self.device)
-        return cache, m.backbone(x, cache=cache, mask=mask, task=self.route)[:, -1]
+        return cache, m.prefill(x, cache, mask, self.route)
 
     def _sample(self, n: int) -> tuple[Tensor, list[int]]:
         logits = self.model.answer_logits(self.hidden[:n])
