@@ -226,7 +226,7 @@ class GenerationMixin:
         start = torch.full((prefix_ids.size(0),), self.t2i_image_start, device=prefix_ids.device)
         with self._decoder("image", prefix_ids.size(0), prefix_ids.device, use_cuda_graph) as runner:
             x = self.t2i_prefix_embeddings(prefix_ids, prefix_mask, caption_mask, drop)
-            hidden = self.backbone(x, cache=runner.cache, mask=prefix_mask, task=self._route("t2i"))[:, -1].clone()
+            hidden = self.prefill(x, runner.cache, prefix_mask, self._route("t2i")).clone()
             del x
             generator = make_generator(seed, prefix_ids.device)
             codes = []

@@ -99,7 +99,7 @@ class ContinuousBatcher:
     decode together; at most `max_queue` items wait. `lock` serialises the model between batchers.
     use_cuda_graph: replay decode steps as CUDA graphs (None: on for a CUDA model in eval mode).
 
-    A subclass says how an item is prefilled into its slot (`_prefill`), what each slot feeds the next step
+    A subclass says how waiting items are prefilled together (`_prefill`), what each slot feeds the next step
     after sampling (`_sample`: one row of step inputs per slot, and which slots finished) and how those inputs
     become embeddings (`_embed`); it hands results to its requests (`_finish`, `_fail`)."""
 
