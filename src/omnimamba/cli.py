@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--request-timeout", type=_non_negative_float, default=300.0,
                        help="seconds an answer may take, queueing included; then it is cancelled (default: 300)")
         p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
-        p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+        p.add_argument("--dtype", choices=("float32", "bfloat16"),
                        help="cast the weights (default: as loaded, float32); bfloat16 halves a GPU's memory traffic")
         p.add_argument("--eager", action="store_true",
                        help="decode without CUDA graphs (slower on a GPU; for debugging)")
