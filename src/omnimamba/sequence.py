@@ -119,6 +119,13 @@ def pad_right(seqs: list[list[int]], value: int) -> Tensor:
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
 
 
+def pad_rows_left(t: Tensor, width: int, value) -> Tensor:
+    """Left-pad the rows of t (b, T) with `value` to `width` positions (rows already that wide: t itself)."""
+    if t.size(1) == width:
+        return t
+    return torch.cat([t.new_full((t.size(0), width - t.size(1)), value), t], 1)
+
+
 def pad_left(seqs: list[list], value) -> tuple[Tensor, Tensor]:
     """Left-pad to a common length; returns (padded, mask) with mask 1 on real tokens."""
     width = max(len(s) for s in seqs)

@@ -12,6 +12,7 @@ from ..decoding import StepRunner, graphs_enabled
 from ..errors import UserError
 from ..generation import check_sampling_args, make_generator, sample_next_token
 from ..lora import TaskLoRALinear
+from ..sequence import pad_rows_left
 
 
 class GenerationMixin:
@@ -194,7 +195,7 @@ class GenerationMixin:
         rows = [t.to(prefix_ids.device).expand(b, -1) for t in null_prefix]
         width = max(prefix_ids.size(1), rows[0].size(1))
         fill = (self.special.pad, 0, False)
-        out = [torch.cat([_pad_left_to(c, width, v), _pad_left_to(u, width, v)])
+        out = [torch.cat([pad_rows_left(c, width, v), pad_rows_left(u, width, v)])
                for c, u, v in zip((prefix_ids, prefix_mask, caption_mask), rows, fill)]
         return (*out, None)
 
@@ -241,12 +242,6 @@ class GenerationMixin:
                     break
                 hidden = runner(torch.cat([token, token]) if cfg else token, start + i)
         return torch.stack(codes, 1)
-
-
-def _pad_left_to(t: Tensor, width: int, value) -> Tensor:
-    if t.size(1) == width:
-        return t
-    return torch.cat([t.new_full((t.size(0), width - t.size(1)), value), t], 1)
 
 
 def cfg_logits(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from ..generation import check_sampling_args, sample_next_token
-from ..model.generate import _pad_left_to, cfg_logits
+from ..model.generate import cfg_logits
+from ..sequence import pad_rows_left
 from .batcher import ContinuousBatcher
 
 
@@ -105,7 +106,7 @@ class ImageBatcher(ContinuousBatcher):
             caption = torch.tensor([r.caption_mask], dtype=torch.bool, device=self.device)
             rows.append(m.guidance_rows(ids, torch.ones_like(ids), caption, r.null_prefix))
         width = max(ids.size(1) for ids, *_ in rows)
-        ids, mask, caption = (torch.cat([_pad_left_to(row[k], width, fill) for row in rows])
+        ids, mask, caption = (torch.cat([pad_rows_left(row[k], width, fill) for row in rows])
                               for k, fill in enumerate((m.special.pad, 0, False)))
         drop = None if rows[0][3] is None else torch.cat([row[3] for row in rows])
         x = m.t2i_prefix_embeddings(ids, mask, caption, drop)
