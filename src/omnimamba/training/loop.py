@@ -15,10 +15,11 @@ import torch.distributed as dist
 from ..errors import UserError
 from ..model import PRESETS, OmniMamba, preset
 from ..tokenizer import TextTokenizer
-from ..fileio import read_json, verify_manifest, writing
+from ..fileio import read_json, verify_manifest
 from . import faults
 from .checkpoint import load_checkpoint, newest_intact, save_checkpoint
 from .config import StageConfig, TrainConfig
+from .metrics import MetricsLog
 from .data import (FileMMU, FileT2I, ShapesMMU, ShapesT2I, cached_codes, mmu_batch, shapes_world, t2i_batch)
 from .stages import apply_freeze_plan, freeze_summary
 from .step import forward_backward, micro_splits, share
@@ -57,10 +58,8 @@ class Trainer:
         self.model.loss_chunk = config.run.loss_chunk
         self.world = shapes_world(config) if config.data.source == "shapes" else None
         self.mmu_source = self.t2i_source = None
-        self._metrics = None
-        self._tb = None
+        self.metrics = MetricsLog(self.out, config.run.tensorboard)
         self._sharded_once = False
-        self._tb_purge_step = 0
 
     # --- set-up -------------------------------------------------------------------------------------
     def _device(self) -> torch.device:
@@ -342,57 +341,12 @@ class Trainer:
             dist.barrier()
 
     def _cut_logs(self, start: dict | None) -> None:
-        """Make the run's logs end where it (re)starts: from checkpoint (stage k, step s) keep earlier stages,
-        stage k's training records up to s and its evaluations before s (the ones at s follow the checkpoint
-        and run again); a fresh start keeps only the tokenizer's records, when its tokenizer is reused."""
-        path = self.out / "metrics.jsonl"
-        order = {stage.name: i for i, stage in reversed(list(enumerate(self.cfg.stages)))}
-        k, s = (start["stage_index"], start["step"]) if start else (-1, -1)
-        vq_done = self._vq_done()
-
-        def keep(rec: dict) -> bool:
-            if rec.get("stage") == VQ_STAGE:
-                return vq_done
-            i = order.get(rec.get("stage"), len(order))
-            if i != k:
-                return i < k
-            return rec["step"] < s if any(key.startswith("eval_") for key in rec) else rec["step"] <= s
-
-        if path.is_file():
-            kept = []
-            for line in path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:  # the torn last line of a killed run
-                    continue
-                if keep(rec):
-                    kept.append(line)
-            with writing(path, "metrics log"):
-                path.write_text("".join(line + "\n" for line in kept))
-        # TensorBoard drops its own events past the restart when the writer opens
-        self._tb_purge_step = _tb_step(k, s) + 1 if start else 0
+        """Make the run's logs end where it (re)starts (see MetricsLog.cut)."""
+        self.metrics.cut(start, [stage.name for stage in self.cfg.stages], self._vq_done())
 
     def _log_metrics(self, rec: dict, index: int | None) -> None:
-        """A record to metrics.jsonl and, for stage `index` (None: the tokenizer, not drawn there), TensorBoard."""
-        if self.rank != 0:
-            return
-        if self._metrics is None:
-            self._metrics = open(self.out / "metrics.jsonl", "a")
-            if self.cfg.run.tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-
-                    self._tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self._tb_purge_step)
-                except ImportError:
-                    self._tb = None
-        with writing(self.out / "metrics.jsonl", "metrics log"):
-            self._metrics.write(json.dumps(rec) + "\n")
-            self._metrics.flush()
-        if self._tb is not None and index is not None:
-            global_step = _tb_step(index, rec["step"])
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self._tb.add_scalar(f"{rec['stage']}/{k}", v, global_step)
+        if self.rank == 0:
+            self.metrics.write(rec, index)
 
     def evaluate(self, stage: str, step: int) -> dict | None:
         """Shapes scores on the validation split, plus a picture of samples (rank 0, Shapes data only)."""
@@ -438,16 +392,7 @@ class Trainer:
         return result
 
     def close(self) -> None:
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
-        if self._tb is not None:
-            self._tb.close()
-
-
-def _tb_step(stage_index: int, step: int) -> int:
-    """TensorBoard's one step axis over all stages: stage k's step s."""
-    return stage_index * 10_000_000 + step
+        self.metrics.close()
 
 
 def _preset_with(name: str, overrides: dict):
