@@ -232,6 +232,24 @@ def test_multi_turn_mmu_examples_draw_distinct_questions_of_their_image():
     assert counts == {1, 2, 3, 4}
 
 
+def test_balanced_existence_questions_are_half_yes_and_keep_one_negative_per_example():
+    from omnimamba.data.shapes import ShapesWorld
+    from omnimamba.training.data import ShapesMMU
+
+    world = ShapesWorld(seed=0)
+    shares = {}
+    for balance in (False, True):
+        source = ShapesMMU(world, 200, seed=0, max_turns=4, balance_existence=balance)
+        answers = []
+        for i in range(1500):
+            turns = source.example(i)[1]
+            negatives = [q for q, a in turns if q.startswith("is there") and a == "no"]
+            assert len(negatives) <= (3 if not balance else 1)
+            answers += [a for q, a in turns if q.startswith("is there")]
+        shares[balance] = answers.count("yes") / len(answers)
+    assert 0.2 < shares[False] < 0.3 and 0.45 < shares[True] < 0.55  # 1 "yes" : 3 "no", then 1 : 1
+
+
 def test_a_rank_that_cannot_see_rank_0s_files_names_the_shared_filesystem(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, [{"name": "stage2-unified", "steps": 1, "batch": [1, 1]}]), log=quiet)
     trainer.rank = 1  # as on a second node whose run.out is not rank 0's

@@ -88,6 +88,9 @@ class ShapesSection:
     # Questions per MMU sequence, drawn at random from 1 to this (LLaVA-style multi-turn): an image's
     # features are read once for several answers; the first turn keeps the single-question format.
     max_turns: int = 1
+    # Keep one of an image's three "no" existence questions per example, so existence answers are half "yes"
+    # (otherwise three "no" to one "yes": an undertrained model answers "no" to everything)
+    balance_existence: bool = False
 
     def __post_init__(self) -> None:
         if self.max_turns < 1:

@@ -28,20 +28,30 @@ log = logging.getLogger(__name__)
 # --- MMU ---------------------------------------------------------------------------------------------------
 class ShapesMMU:
     """Example i: training image i mod n and 1 to max_turns of its questions (distinct, in random order),
-    drawn with a seeded generator."""
+    drawn with a seeded generator. An image has one existence question answered "yes" and up to three
+    answered "no" (POPE's random, popular and adversarial negatives); balance_existence keeps one of the three,
+    drawn per example, so "yes" and "no" are equally frequent in training."""
 
-    def __init__(self, world: ShapesWorld, n_images: int, seed: int = 0, max_turns: int = 1):
+    def __init__(self, world: ShapesWorld, n_images: int, seed: int = 0, max_turns: int = 1,
+                 balance_existence: bool = False):
         self.world, self.n, self.seed, self.max_turns = world, n_images, seed, max_turns
+        self.balance_existence = balance_existence
 
     def example(self, index: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
         sample = self.world.sample("train", index % self.n)
         rng = np.random.default_rng([self.seed, 17, index])
+        questions = sample.questions
+        if self.balance_existence:
+            negatives = [k for k, q in enumerate(questions) if q.type == "existence" and q.answer == "no"]
+            if negatives:
+                kept = negatives[int(rng.integers(len(negatives)))]
+                questions = [q for k, q in enumerate(questions) if k == kept or k not in negatives]
         if self.max_turns == 1:  # the single-question stream of earlier versions, draw for draw
-            picks = [int(rng.integers(len(sample.questions)))]
+            picks = [int(rng.integers(len(questions)))]
         else:
-            turns = int(rng.integers(1, min(self.max_turns, len(sample.questions)) + 1))
-            picks = rng.permutation(len(sample.questions))[:turns].tolist()
-        return sample.image, [(sample.questions[k].question, sample.questions[k].answer) for k in picks]
+            turns = int(rng.integers(1, min(self.max_turns, len(questions)) + 1))
+            picks = rng.permutation(len(questions))[:turns].tolist()
+        return sample.image, [(questions[k].question, questions[k].answer) for k in picks]
 
 
 class FileMMU:

@@ -154,7 +154,8 @@ class Trainer:
         if c.data.source == "shapes":
             n = c.data.shapes.train_images
             if needs_mmu:
-                self.mmu_source = ShapesMMU(self.world, n, c.run.seed, c.data.shapes.max_turns)
+                self.mmu_source = ShapesMMU(self.world, n, c.run.seed, c.data.shapes.max_turns,
+                                            c.data.shapes.balance_existence)
             if needs_t2i:
                 codes = self._codes(lambda i: self.world.sample("train", i).image, n, cache,
                                     f"shapes seed={c.data.shapes.seed} size={c.data.shapes.image_size}")
