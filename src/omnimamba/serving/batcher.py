@@ -168,9 +168,8 @@ class ContinuousBatcher:
 
     def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()  # one at a time replays: the graphs share their memory
-        for slots in self.buckets():
-            rows = slots * self.width
-            view = type(self.cache)(conv=self.cache.conv[:, :rows], ssm=self.cache.ssm[:, :rows])
+        for slots in self.buckets():  # ascending: _step takes the first that holds its slots
+            view = self._view(slots * self.width)
             example = self._embed(torch.zeros(slots, 2, dtype=torch.long, device=self.device))
 
             def step(emb, view=view):
@@ -178,14 +177,17 @@ class ContinuousBatcher:
             self.runners[slots] = StepRunner(step, view, (example,), True, pool=pool,
                                              capture_error_mode="thread_local")
 
+    def _view(self, rows: int):
+        """The shared cache's first `rows` rows, as a cache (the same memory)."""
+        return type(self.cache)(conv=self.cache.conv[:, :rows], ssm=self.cache.ssm[:, :rows])
+
     def _step(self, emb: Tensor, slots: int) -> None:
         """One decode step of the first `slots` slots (emb: their rows' embeddings) into self.hidden."""
         rows = slots * self.width
         if not self.graphed:
-            view = type(self.cache)(conv=self.cache.conv[:, :rows], ssm=self.cache.ssm[:, :rows])
-            self.hidden[:rows] = self.model.backbone.step(emb, view, task=self.route)
+            self.hidden[:rows] = self.model.backbone.step(emb, self._view(rows), task=self.route)
             return
-        bucket = next(b for b in self.buckets() if b >= slots)
+        bucket = next(b for b in self.runners if b >= slots)
         runner = self.runners[bucket]
         runner.inputs[0][:rows].copy_(emb)  # the rows past `rows` step free slots: whatever they hold
         self.hidden[:rows] = runner()[:rows]

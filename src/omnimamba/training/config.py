@@ -145,7 +145,7 @@ class RunSection:
     tensorboard: bool = True
     progress: bool = True
     strategy: str = "ddp"        # multi-process: "ddp" | "fsdp" (FSDP2)
-    # memory options (same losses and gradients; see docs): recompute each backbone block in the backward,
+    # memory options (same losses and gradients; README, Training): recompute each backbone block in the backward,
     # and apply the output heads + cross-entropy to target positions only, this many at a time (0: all at once)
     activation_checkpointing: bool = False
     loss_chunk: int = 0
