@@ -143,6 +143,15 @@ def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     return dirs[0] / f"{name}.json"
 
 
+def write_log(name: str, text: str) -> Path:
+    """benchmarks/results/logs/<name>, and a copy under $OUT/logs when the device tool runs this."""
+    dirs = [RESULTS / "logs"] + ([Path(os.environ["OUT"]) / "logs"] if os.environ.get("OUT") else [])
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text(text)
+    return dirs[0] / name
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))

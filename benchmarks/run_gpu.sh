@@ -18,7 +18,11 @@ if [ "${1:-}" = quick ]; then
 else
     python3 benchmarks/mmu_long_generation.py 2>&1 | tee "$LOGS/mmu_long_generation.log" || status=1
     python3 benchmarks/image_generation.py 2>&1 | tee "$LOGS/image_generation.log" || status=1
-    python3 benchmarks/training_throughput.py 2>&1 | tee "$LOGS/training_throughput.log" || status=1
+    python3 benchmarks/training_throughput.py --loss-chunk 4096 --name training_throughput_loss_chunk 2>&1 \
+        | tee "$LOGS/training_throughput_loss_chunk.log" || status=1
+    python3 benchmarks/training_throughput.py --activation-checkpointing --loss-chunk 4096 \
+        --name training_throughput_checkpointing --profile training_profile_stage2.txt 2>&1 \
+        | tee "$LOGS/training_throughput_checkpointing.log" || status=1
 fi
 python3 benchmarks/report.py > /dev/null && echo "tables: benchmarks/results/gpu_benchmarks.md" || status=1
 exit $status

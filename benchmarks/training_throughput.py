@@ -15,12 +15,13 @@ frozen DINOv2 + SigLIP forward. Tokens counted: every sequence position through 
 
 Memory options (the training config's run.activation_checkpointing and run.loss_chunk): per-block activation
 checkpointing (the baseline gets transformers' gradient checkpointing too), and the heads + cross-entropy on
-target positions only, N at a time, recomputed in the backward.
+target positions only, N at a time, recomputed in the backward (the baseline keeps its plain loss).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,23 @@ def llama_step_fn(model, bm: int, bt: int, mmu_len: int, t2i_len: int):
     return step, bm * mmu_len + bt * t2i_len
 
 
+def profile_step(step, name: str, options: str, batch: tuple[int, int], rows: int = 30) -> None:
+    """torch.profiler over one step after two warm-up steps: the kernels by total CUDA time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+    header = (f"# one OmniMamba 1.3B stage-2 step, batch {batch[0]} MMU : {batch[1]} T2I, options: {options}\n"
+              f"# python benchmarks/training_throughput.py ... --profile {name}\n")
+    gc.write_log(name, header + table)
+    print(table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mmu-batch", type=int, default=3)
@@ -91,6 +109,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward")
     ap.add_argument("--loss-chunk", type=int, default=0, help="target positions per head + loss chunk (0: all)")
+    ap.add_argument("--name", help="results/NAME.json (default: training_throughput, or "
+                    "training_throughput_memory_options with a memory option)")
+    ap.add_argument("--profile", metavar="FILE", help="also profile one OmniMamba step at the fitted batch and "
+                    "write its top-kernel table to FILE (under results/logs/)")
     args = ap.parse_args()
     options = ", ".join([o for o, on in (("checkpointing", args.activation_checkpointing),
                                          (f"loss chunk {args.loss_chunk}", args.loss_chunk)) if on]) or "none"
@@ -120,12 +142,15 @@ def main() -> None:
 
     from omnimamba.ops import fla as fla_backend
 
-    scan_backward = ("reference (fla's is unsafe on Hopper with this Triton, fla #640)"
-                     if fla_backend.scan_backward_unsafe() else "flash-linear-attention")
-    print(f"scan backward: {scan_backward}")
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = OmniMamba(preset("omnimamba-1.3b"), backend="auto")
+    backbone = model.config.backbone
+    scan_backward = {"fla": "flash-linear-attention",
+                     "fla-verified": "flash-linear-attention, fla #640 refusal lifted at the verified tile shape",
+                     "reference": "reference (fla's is refused on Hopper with this Triton, fla #640)",
+                     }[fla_backend.scan_backward(backbone.d_state, backbone.headdim)]
+    print(f"scan backward: {scan_backward}")
     model.train()
     model.backbone.gradient_checkpointing = args.activation_checkpointing
     model.loss_chunk = args.loss_chunk
@@ -136,6 +161,8 @@ def main() -> None:
     bm, bt = args.mmu_batch, args.t2i_batch
     batches = [(bm, bt)] + [(max(1, bm // k), max(1, bt // k)) for k in (2, 4, 8, 16, 48) if bt // k < bt]
     fitted = record("omnimamba", lambda bm, bt: omnimamba_step_fn(model, bm, bt), batches)
+    if args.profile:
+        profile_step(omnimamba_step_fn(model, *fitted)[0], args.profile, options, fitted)
     del model
     torch.cuda.empty_cache()
 
@@ -148,8 +175,9 @@ def main() -> None:
 
     print()
     gc.print_table(rows, COLUMNS)
-    name = "training_throughput" if options == "none" else "training_throughput_memory_options"
+    name = args.name or ("training_throughput" if options == "none" else "training_throughput_memory_options")
     path = gc.write_json(name, {
+        "command": "python benchmarks/training_throughput.py " + " ".join(sys.argv[1:]), "seed": 0,
         "benchmark": "stage-2 training step (forward, backward, fused AdamW), bf16 autocast, float32 master weights",
         "weights": gc.RANDOM_WEIGHTS, "mmu_sequence": mmu_len, "t2i_sequence": t2i_len,
         "scan_backward": scan_backward, "options": options, "warmup_steps": args.warmup, "timed_steps": args.steps,

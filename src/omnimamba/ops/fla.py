@@ -11,9 +11,11 @@ from __future__ import annotations
 import functools
 import math
 import re
+import threading
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
@@ -30,11 +32,20 @@ def is_available() -> bool:
     return True
 
 
+# fla #640: on Hopper, Triton 3.4.0 to 3.7.0 miscompile fla's gated backward (reported at 64-wide K tiles), so
+# fla 0.6 refuses it there unless tilelang is installed. On Hopper fla tiles K as one block of up to 128; with
+# K = 128 exactly and V <= 128 (Mamba-2's d_state 128, headdim 64) tests/test_ops_gpu.py checks its gradients
+# against a float64 reference scan, so we run it with the refusal lifted; a smaller d_state is zero-padded to
+# 128 (the padded columns add nothing to C.B and their gradients are dropped). Other shapes use the
+# reference scan's backward.
+VERIFIED_K = 128
+VERIFIED_MAX_V = 128
+VERIFIED_FLA = "0.6."
+
+
 @functools.cache
-def scan_backward_unsafe() -> bool:
-    """fla 0.6 refuses the backward of its gated scan on Hopper GPUs under Triton 3.4.0 to 3.7.0, which
-    compute it wrongly there (fla issue #640), unless tilelang is installed. Training then differentiates
-    the reference scan instead; inference is unaffected."""
+def _hopper_refusal() -> bool:
+    """True where fla refuses its gated scan backward (Hopper, Triton 3.4.0 to 3.7.0, no tilelang)."""
     import importlib.util
 
     import triton
@@ -45,20 +56,73 @@ def scan_backward_unsafe() -> bool:
     return (3, 4, 0) <= version < (3, 7, 1)
 
 
+def scan_backward(d_state: int, headdim: int) -> str:
+    """Which backward the scan gets for these sizes on this machine: 'fla', 'fla-verified' (the refusal of
+    fla #640 lifted at the verified tile shape, d_state zero-padded to 128 where smaller) or 'reference'."""
+    if not _hopper_refusal():
+        return "fla"
+    import fla
+
+    verified = d_state <= VERIFIED_K and headdim <= VERIFIED_MAX_V and fla.__version__.startswith(VERIFIED_FLA)
+    return "fla-verified" if verified else "reference"
+
+
+_refusal_lock = threading.Lock()
+
+
+@functools.cache
+def _verified_scan_function() -> type[torch.autograd.Function]:
+    """fla's simple-GLA autograd function, its backward run with the #640 refusal lifted (nothing else changes)."""
+    import fla.ops.common.chunk_o as chunk_o
+    from fla.ops.simple_gla.chunk import ChunkSimpleGLAFunction
+
+    class VerifiedScan(ChunkSimpleGLAFunction):
+        @staticmethod
+        def backward(ctx, do, dht):
+            with _refusal_lock:
+                saved, chunk_o.TRITON_ABOVE_3_7_1 = chunk_o.TRITON_ABOVE_3_7_1, True
+                try:
+                    return ChunkSimpleGLAFunction.backward(ctx, do, dht)
+                finally:
+                    chunk_o.TRITON_ABOVE_3_7_1 = saved
+
+    return VerifiedScan
+
+
+def _gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state0: Tensor | None, verified: bool) -> tuple[Tensor, Tensor]:
+    """fla's chunked simple GLA, scale 1, state (b, h, V, K); `verified`: through `_verified_scan_function`,
+    K zero-padded to VERIFIED_K."""
+    if not verified:
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        return chunk_simple_gla(q, k, v, g=g, scale=1.0, initial_state=state0, output_final_state=True,
+                                state_v_first=True)
+    n = k.size(-1)
+    pad = (0, VERIFIED_K - n)
+    q, k = F.pad(q, pad), F.pad(k, pad)
+    state0 = None if state0 is None else F.pad(state0, pad)
+    # ChunkSimpleGLAFunction.apply(q, k, v, g, g_gamma, scale, initial_state, output_final_state,
+    #                              state_v_first, cu_seqlens, cu_seqlens_cpu, chunk_size) in fla 0.6
+    y, final = _verified_scan_function().apply(q, k, v, g, None, 1.0, state0, True, True, None, None, None)
+    return y, final[..., :n]
+
+
 def ssd_chunked(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None = None,
     initial_state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Same contract as `reference.ssd_chunked`; fla picks its own chunk size (the result does not depend
-    on it). Where fla's backward is unsafe (see `scan_backward_unsafe`) and a gradient is needed, the
-    reference scan runs instead, with a warning once."""
-    from fla.ops.simple_gla import chunk_simple_gla
-
+    on it). Where a gradient is needed and fla's backward is refused at these sizes (see `scan_backward`),
+    the reference scan runs instead, with a warning once."""
     tensors = (x, dt, A, B, C, D, initial_state)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors) and scan_backward_unsafe():
-        warnings.warn("flash-linear-attention's scan backward is wrong on Hopper with this Triton version "
-                      "(fla #640): training uses the reference scan (slower). Install Triton >= 3.7.1 or "
-                      "tilelang for the fast backward.", stacklevel=2)
+    route = "fla"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        route = scan_backward(B.size(-1), x.size(-1))
+    if route == "reference":
+        warnings.warn(f"flash-linear-attention's scan backward is refused on Hopper with this Triton version "
+                      f"(fla #640) and is verified here only for d_state <= {VERIFIED_K} and headdim <= "
+                      f"{VERIFIED_MAX_V} on fla {VERIFIED_FLA}x: training uses the reference scan (slower). "
+                      f"Install Triton >= 3.7.1 or tilelang for the fast backward.", stacklevel=2)
         return reference.ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
 
     h = x.size(2)
@@ -69,8 +133,8 @@ def ssd_chunked(
     g = (dt * A.to(dt.dtype)).float()
     state0 = None if initial_state is None else initial_state.float()
     # state_v_first: fla's state is (b, h, V=headdim, K=d_state), our (b, h, p, n) layout.
-    y, final = chunk_simple_gla(q.contiguous(), k.contiguous(), v.contiguous(), g=g.contiguous(), scale=1.0,
-                                initial_state=state0, output_final_state=True, state_v_first=True)
+    y, final = _gla(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), state0,
+                    verified=route == "fla-verified")
     if D is not None:
         y = y + (D.to(y.dtype)[:, None] * x)
     return y.to(x.dtype), final.float()
