@@ -24,5 +24,13 @@ else
         --name training_throughput_checkpointing --profile training_profile_stage2.txt 2>&1 \
         | tee "$LOGS/training_throughput_checkpointing.log" || status=1
 fi
+if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then  # one and two GPUs, one host
+    B="--activation-checkpointing --loss-chunk 4096 --no-baseline"
+    python3 benchmarks/training_throughput.py $B --name training_scaling_1gpu 2>&1 | tee "$LOGS/training_scaling_1gpu.log" || status=1
+    for s in ddp fsdp; do
+        torchrun --nproc-per-node 2 benchmarks/training_throughput.py $B --strategy $s --name training_scaling_2gpu_$s 2>&1 \
+            | tee "$LOGS/training_scaling_2gpu_$s.log" || status=1
+    done
+fi
 python3 benchmarks/report.py > /dev/null && echo "tables: benchmarks/results/gpu_benchmarks.md" || status=1
 exit $status

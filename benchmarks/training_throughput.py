@@ -12,6 +12,10 @@ frozen DINOv2 + SigLIP forward. Tokens counted: every sequence position through 
 
     python benchmarks/training_throughput.py [--mmu-batch 3] [--t2i-batch 48] [--steps 8]
         [--activation-checkpointing] [--loss-chunk 4096]
+    torchrun --nproc-per-node 2 benchmarks/training_throughput.py --strategy ddp|fsdp [...]
+
+Under torchrun (NCCL) every process runs the given batch on its GPU, the model wrapped as `omnimamba train`
+wraps it (DDP, or FSDP2 per block); tokens/s counts all processes; no baseline is run.
 
 Memory options (the training config's run.activation_checkpointing and run.loss_chunk): per-block activation
 checkpointing (the baseline gets transformers' gradient checkpointing too), and the heads + cross-entropy on
@@ -21,6 +25,7 @@ target positions only, N at a time, recomputed in the backward (the baseline kee
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -36,7 +41,7 @@ COLUMNS = ["system", "options", "mmu_batch", "t2i_batch", "tokens_per_step", "st
 TEXT = 128
 
 
-def omnimamba_step_fn(model, bm: int, bt: int):
+def omnimamba_step_fn(model, bm: int, bt: int, n_image: int, engine=None):
     cfg, sp = model.config, model.config.special
     size = cfg.understanding.image_size
     text = torch.randint(0, cfg.text_base_vocab_size, (bm, TEXT), device="cuda")
@@ -53,12 +58,11 @@ def omnimamba_step_fn(model, bm: int, bt: int):
                    torch.randint(0, cfg.vq.codebook_size, (bt, cfg.image_tokens), device="cuda"), None)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
-    n_image = model.encode_images(mmu.pixel_values[:1]).size(1)
     tokens = bm * (4 + n_image + TEXT) + bt * (prefix.size(1) + cfg.image_tokens + 1)
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(mmu=mmu, t2i=t2i)["loss"]
+            loss = (engine or model)(mmu=mmu, t2i=t2i)["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -109,13 +113,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward")
     ap.add_argument("--loss-chunk", type=int, default=0, help="target positions per head + loss chunk (0: all)")
+    ap.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp", help="under torchrun: how the "
+                    "model is spread over the processes")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the LLaMA rows")
     ap.add_argument("--name", help="results/NAME.json (default: training_throughput, or "
                     "training_throughput_memory_options with a memory option)")
     ap.add_argument("--profile", metavar="FILE", help="also profile one OmniMamba step at the fitted batch and "
                     "write its top-kernel table to FILE (under results/logs/)")
     args = ap.parse_args()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     options = ", ".join([o for o, on in (("checkpointing", args.activation_checkpointing),
-                                         (f"loss chunk {args.loss_chunk}", args.loss_chunk)) if on]) or "none"
+                                         (f"loss chunk {args.loss_chunk}", args.loss_chunk),
+                                         (f"{world} GPUs, {args.strategy}", world > 1)) if on]) or "none"
+    if world > 1:
+        import torch.distributed as dist
+
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
+    rank = int(os.environ.get("RANK", "0"))
     info = gc.device_info()
     rows = []
 
@@ -129,12 +144,14 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
                 step, tokens = build(bm, bt)
                 seconds, _ = gc.median_seconds(step, args.steps, warmup=args.warmup)
+                tokens *= world
                 row.update(tokens_per_step=tokens, step_s=seconds, tokens_per_s=tokens / seconds,
                            peak_GiB=gc.gib(torch.cuda.max_memory_allocated()))
             except torch.OutOfMemoryError:
                 row["note"] = "out of memory"
             rows.append(row)
-            gc.print_table([row], COLUMNS)
+            if rank == 0:
+                gc.print_table([row], COLUMNS)
             del step
             if "note" not in row:
                 return bm, bt
@@ -142,7 +159,7 @@ def main() -> None:
 
     from omnimamba.ops import fla as fla_backend
 
-    torch.manual_seed(0)
+    torch.manual_seed(rank)  # each process its own data (the weights are built alike, then wrapped)
     with torch.device("cuda"):
         model = OmniMamba(preset("omnimamba-1.3b"), backend="auto")
     backbone = model.config.backbone
@@ -150,37 +167,49 @@ def main() -> None:
                      "fla-verified": "flash-linear-attention, fla #640 refusal lifted at the verified tile shape",
                      "reference": "reference (fla's is refused on Hopper with this Triton, fla #640)",
                      }[fla_backend.scan_backward(backbone.d_state, backbone.headdim)]
-    print(f"scan backward: {scan_backward}")
+    if rank == 0:
+        print(f"scan backward: {scan_backward}")
     model.train()
     model.backbone.gradient_checkpointing = args.activation_checkpointing
     model.loss_chunk = args.loss_chunk
     apply_freeze_plan(model, "stage2-unified")
     n_image = model.encode_images(torch.rand(1, 3, 384, 384, device="cuda")).size(1)
     mmu_len, t2i_len = 4 + n_image + TEXT, 2 + model.config.max_caption_tokens + 2 + model.config.image_tokens + 1
-    # The paper's batch first, then smaller ones at about its ratio, down to one sequence of each.
     bm, bt = args.mmu_batch, args.t2i_batch
-    batches = [(bm, bt)] + [(max(1, bm // k), max(1, bt // k)) for k in (2, 4, 8, 16, 48) if bt // k < bt]
-    fitted = record("omnimamba", lambda bm, bt: omnimamba_step_fn(model, bm, bt), batches)
-    if args.profile:
-        profile_step(omnimamba_step_fn(model, *fitted)[0], args.profile, options, fitted)
-    del model
-    torch.cuda.empty_cache()
+    if world > 1:
+        from omnimamba.training.parallel import shard_fsdp2, wrap_ddp
 
-    llama = gc.llama_baseline().float().train()
-    if args.activation_checkpointing:
-        llama.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    record("llama", lambda bm, bt: llama_step_fn(llama, bm, bt, mmu_len, t2i_len), [fitted])
-    if fitted != (bm, bt):
-        record("llama", lambda bm, bt: llama_step_fn(llama, bm, bt, mmu_len, t2i_len), [(bm, bt)])
+        engine = shard_fsdp2(model) if args.strategy == "fsdp" else wrap_ddp(model, torch.device("cuda"))
+        record("omnimamba", lambda bm, bt: omnimamba_step_fn(model, bm, bt, n_image, engine), [(bm, bt)])
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return
+    else:
+        # The paper's batch first, then smaller ones at about its ratio, down to one sequence of each.
+        batches = [(bm, bt)] + [(max(1, bm // k), max(1, bt // k)) for k in (2, 4, 8, 16, 48) if bt // k < bt]
+        fitted = record("omnimamba", lambda bm, bt: omnimamba_step_fn(model, bm, bt, n_image), batches)
+        if args.profile:
+            profile_step(omnimamba_step_fn(model, *fitted, n_image)[0], args.profile, options, fitted)
+        del model
+        torch.cuda.empty_cache()
+        if not args.no_baseline:
+            llama = gc.llama_baseline().float().train()
+            if args.activation_checkpointing:
+                llama.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            record("llama", lambda bm, bt: llama_step_fn(llama, bm, bt, mmu_len, t2i_len), [fitted])
+            if fitted != (bm, bt):
+                record("llama", lambda bm, bt: llama_step_fn(llama, bm, bt, mmu_len, t2i_len), [(bm, bt)])
 
     print()
     gc.print_table(rows, COLUMNS)
     name = args.name or ("training_throughput" if options == "none" else "training_throughput_memory_options")
     path = gc.write_json(name, {
-        "command": "python benchmarks/training_throughput.py " + " ".join(sys.argv[1:]), "seed": 0,
+        "command": ("python" if world == 1 else f"torchrun --nproc-per-node {world}")
+        + " benchmarks/training_throughput.py " + " ".join(sys.argv[1:]), "seed": 0,
         "benchmark": "stage-2 training step (forward, backward, fused AdamW), bf16 autocast, float32 master weights",
         "weights": gc.RANDOM_WEIGHTS, "mmu_sequence": mmu_len, "t2i_sequence": t2i_len,
-        "scan_backward": scan_backward, "options": options, "warmup_steps": args.warmup, "timed_steps": args.steps,
+        "scan_backward": scan_backward, "options": options, "processes": world,
+        "per_process_batch": world > 1, "warmup_steps": args.warmup, "timed_steps": args.steps,
         **info,
         "rows": rows})
     print(f"wrote {path}")

@@ -18,6 +18,7 @@ from ..tokenizer import TextTokenizer
 from ..fileio import read_json, verify_manifest
 from . import faults
 from .checkpoint import load_checkpoint, newest_intact, save_checkpoint
+from .parallel import shard_fsdp2, wrap_ddp
 from .config import StageConfig, TrainConfig
 from .metrics import MetricsLog
 from .data import (FileMMU, FileT2I, ShapesMMU, ShapesT2I, cached_codes, mmu_batch, shapes_world, t2i_batch)
@@ -42,7 +43,9 @@ class Trainer:
         self.distributed = self.world_size > 1
         self.device = self._device()
         if self.distributed and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            # device_id: each process's GPU is named, not guessed from its global rank (a multi-node hang)
+            cuda = self.device.type == "cuda"
+            dist.init_process_group("nccl" if cuda else "gloo", device_id=self.device if cuda else None)
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
         for stage in config.stages:
             for n, what in zip(stage.batch, ("MMU", "T2I")):
@@ -209,17 +212,10 @@ class Trainer:
             return model
         if self.cfg.run.strategy == "fsdp":
             if not self._sharded_once:
-                from torch.distributed.fsdp import fully_shard
-
-                for layer in model.backbone.layers:
-                    fully_shard(layer)
-                fully_shard(model)
+                shard_fsdp2(model)
                 self._sharded_once = True
             return model
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                   find_unused_parameters=True)
+        return wrap_ddp(model, self.device)
 
     def _forward_backward(self, engine, step: int, stage: StageConfig) -> tuple[dict[str, float], int]:
         """The step's gradients (accumulated over micro-batches), each task's loss, and the sequence positions
