@@ -86,12 +86,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, out, stages, strategy="ddp", micro_batch=0):
+def _ddp_worker(rank, world, port, out, stages, strategy="ddp", micro_batch=0, ckpt_every=500, resume=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    trainer = Trainer(tiny_config(out, stages, strategy=strategy, micro_batch=micro_batch), log=quiet)
-    trainer.run()
+    config = tiny_config(out, stages, strategy=strategy, micro_batch=micro_batch, ckpt_every=ckpt_every)
+    trainer = Trainer(config, log=quiet)
+    trainer.run(resume=resume)
     state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
              for k, v in trainer.model.state_dict().items()}
     if rank == 0:
@@ -131,6 +132,50 @@ def test_two_processes_equal_one_process(tmp_path, strategy, micro_batch):
         mismatched += int(((ddp[k] - v).abs() > 1e-6).sum())
         total += v.numel()
     assert mismatched / total < share
+
+
+def _assert_same_training(state, reference):
+    """Equal up to the order of floating-point sums, as in test_two_processes_equal_one_process; over four
+    Adam steps about a tenth of a percent of the elements move by more than 1e-6 (a wrong resume, most)."""
+    mismatched = total = 0
+    for k, v in reference.items():
+        torch.testing.assert_close(state[k], v, rtol=1e-3, atol=1e-3, msg=lambda m: f"{k}: {m}")
+        mismatched += int(((state[k] - v).abs() > 1e-6).sum())
+        total += v.numel()
+    assert mismatched / total < 1e-2
+
+
+def _resume_dir(src, dst, step):
+    """A run stopped after `step`: its checkpoint there, and the tokenizer's codes it had cached."""
+    (dst / "checkpoints").mkdir(parents=True)
+    ckpt = next(c for c in list_checkpoints(src / "checkpoints") if json.loads((c / "state.json").read_text())["step"] == step)
+    os.system(f"cp -r {ckpt} {dst / 'checkpoints'}/ && cp {src / 'codes.safetensors'} {src / 'codes.json'} {dst}/")
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoints_resume_on_another_number_of_processes(tmp_path):
+    """A checkpoint written by 2 FSDP2 processes mid-stage resumes on 1 process, and one written by 1 process
+    resumes on 2 FSDP2 processes; both end where the uninterrupted runs end."""
+    stages = [{"name": "stage2-unified", "steps": 4, "lr": 0.005, "warmup": 1, "batch": [4, 4]}]
+    single = Trainer(tiny_config(tmp_path / "one", stages, ckpt_every=2), log=quiet)
+    single.run()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two"), stages, "fsdp", 0, 2), nprocs=2, join=True)
+    two = torch.load(tmp_path / "two" / "final.pt")
+    expected = {k: v.detach() for k, v in single.model.state_dict().items()}
+    _assert_same_training(two, expected)  # the two layouts train alike ...
+
+    _resume_dir(tmp_path / "two", tmp_path / "two-then-one", 1)  # ... 2 processes -> 1
+    resumed = Trainer(tiny_config(tmp_path / "two-then-one", stages, ckpt_every=2), log=quiet)
+    resumed.run(resume=True)
+    _assert_same_training({k: v.detach() for k, v in resumed.model.state_dict().items()}, two)
+
+    _resume_dir(tmp_path / "one", tmp_path / "one-then-two", 1)  # ... 1 process -> 2
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "one-then-two"), stages, "fsdp", 0, 2, True),
+             nprocs=2, join=True)
+    _assert_same_training(torch.load(tmp_path / "one-then-two" / "final.pt"), expected)
+    logged = [[r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+               if r.get("step", -1) >= 2] for run in ("one", "two-then-one", "one-then-two")]
+    assert len(logged[0]) == 2 and logged[1] == pytest.approx(logged[0], rel=1e-4) == logged[2]
 
 
 @pytest.mark.slow
@@ -256,3 +301,29 @@ def test_a_rank_that_cannot_see_rank_0s_files_names_the_shared_filesystem(tmp_pa
     trainer.rank = 1  # as on a second node whose run.out is not rank 0's
     with pytest.raises(UserError, match="filesystem every node shares"):
         trainer._written_by_rank0(tmp_path / "codes.json", "the image-code cache")
+
+
+def test_optimizer_state_is_saved_by_parameter_name_and_older_index_keyed_checkpoints_still_load():
+    from omnimamba.training.checkpoint import load_optimizer, optimizer_state, optimizer_tensors
+
+    def trained(model):
+        model[0].weight.requires_grad_(False)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(2):
+            model(torch.randn(5, 3)).pow(2).sum().backward()
+            opt.step()
+        return opt
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    opt = trained(model)
+    tensors, meta = optimizer_tensors(optimizer_state(model, opt))
+    assert sorted({k.rsplit(".", 1)[0] for k in tensors}) == ["state.0.bias", "state.2.bias", "state.2.weight"]
+    sd = opt.state_dict()
+    old_tensors = {f"state.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}  # the older layout
+    for written, written_meta in ((tensors, meta), (old_tensors, {"param_groups": sd["param_groups"]})):
+        fresh = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        load_optimizer(model, fresh, written, written_meta)
+        for i, state in sd["state"].items():
+            for k, v in state.items():
+                assert torch.equal(fresh.state_dict()["state"][i][k], v), (i, k)

@@ -27,27 +27,67 @@ def _name(stage_index: int, step: int) -> str:
     return f"{PREFIX}{stage_index:02d}-{step:08d}"
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
+def _names_in_order(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """The parameter name of each optimizer index (the order of its param groups' params)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "full_tensor") for p in model.parameters())  # FSDP2's parameters are DTensors
+
+
+def optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """The optimizer's full state keyed by parameter name, as torch's distributed state-dict API gives it,
+    whatever the process layout: one process, DDP, or FSDP2 (gathered; every rank must call this then)."""
+    if _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    sd, names = opt.state_dict(), _names_in_order(model, opt)
+    return {"state": {names[i]: s for i, s in sd["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}
+
+
+def optimizer_tensors(osd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """A name-keyed optimizer state as safetensors tensors `state.<name>.<key>` plus JSON metadata."""
     tensors = {}
-    for idx, state in sd["state"].items():
+    for name, state in osd["state"].items():
         for key, value in state.items():
             t = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"state.{idx}.{key}"] = t.detach().cpu().contiguous()
-    return tensors, {"param_groups": sd["param_groups"]}
+            tensors[f"state.{name}.{key}"] = t.detach().cpu().contiguous()
+    return tensors, {"param_groups": osd["param_groups"], "keyed_by": "name"}
 
 
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for name, t in tensors.items():
-        _, idx, key = name.split(".", 2)
-        state.setdefault(int(idx), {})[key] = t
+def load_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                   meta: dict) -> None:
+    """Restore what `optimizer_tensors` wrote into `opt`, for any process layout (a checkpoint written by 2
+    processes resumes on 1 and back). Checkpoints keyed by optimizer index (before names) read too."""
+    names = _names_in_order(model, opt)
+    by_index = meta.get("keyed_by") != "name"
+    state: dict[str, dict] = {}
+    for tensor_name, t in tensors.items():
+        name, key = tensor_name[len("state."):].rsplit(".", 1)
+        state.setdefault(names[int(name)] if by_index else name, {})[key] = t
+    groups = meta["param_groups"]
+    if by_index:
+        groups = [{**g, "params": [names[i] for i in g["params"]]} for g in groups]
+    if _is_sharded(model):
+        # not strict: a parameter without a gradient so far (a caption never dropped yet) has no Adam state,
+        # as in a plain optimizer's state dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, opt, {"state": state, "param_groups": groups},
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+        return
     device = next(p.device for g in opt.param_groups for p in g["params"])
-    for s in state.values():
-        for key in s:
-            if key != "step":
-                s[key] = s[key].to(device)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    index = {n: i for i, n in enumerate(names)}
+    unknown = sorted(set(state) - set(index))
+    if unknown:
+        raise UserError(f"checkpoint optimizer state names parameters this stage does not train: {unknown[:5]}")
+    opt.load_state_dict({
+        "state": {index[n]: {k: (v if k == "step" else v.to(device)) for k, v in s.items()} for n, s in state.items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in groups]})
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
@@ -66,19 +106,23 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(root: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, stage_index: int,
-                    stage: str, step: int, extra: dict | None = None, keep: int = 2) -> Path:
-    """Write <root>/ckpt-SS-NNNNNNNN atomically; keep the newest `keep` checkpoints."""
+                    stage: str, step: int, extra: dict | None = None, keep: int = 2,
+                    model_state: dict | None = None, optim_state: dict | None = None) -> Path:
+    """Write <root>/ckpt-SS-NNNNNNNN atomically; keep the newest `keep` checkpoints. `model_state` and
+    `optim_state`: full states gathered beforehand (FSDP2, where every rank takes part in gathering them and
+    one writes); by default taken from `model` and `opt` here."""
     final = root / _name(stage_index, step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    weights = _unique_state(model) if model_state is None else _unique_tensors(model_state)
+    osd = optimizer_state(model, opt) if optim_state is None else optim_state
     with writing(final, "checkpoint"):
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        save_file({k: v.detach().cpu().contiguous() for k, v in _unique_state(model).items()},
-                  str(tmp / "model.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
         faults.point("checkpoint-model-written")
-        opt_t, opt_meta = optimizer_tensors(opt)
+        opt_t, opt_meta = optimizer_tensors(osd)
         save_file({**opt_t, **rng_tensors()}, str(tmp / "optimizer.safetensors"))
         state = {"stage_index": stage_index, "stage": stage, "step": step, "optimizer": opt_meta, **(extra or {})}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -96,8 +140,12 @@ def save_checkpoint(root: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
 
 def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """State dict without the aliases of tied weights (safetensors stores no shared tensors)."""
+    return _unique_tensors(model.state_dict(keep_vars=True))
+
+
+def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out, seen = {}, set()
-    for k, v in model.state_dict(keep_vars=True).items():
+    for k, v in state.items():
         key = (v.data_ptr(), v.shape) if v.device.type != "meta" else id(v)
         if key in seen:
             continue
@@ -130,15 +178,25 @@ def newest_intact(root: Path, log=print) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None) -> dict:
+    """Restore model, optimizer and RNG from `path` into `model` as it is now: whole, in DDP, or sharded by
+    FSDP2 (every rank calls this and reads the files), whatever layout wrote the checkpoint."""
     state = read_json(path / "state.json", "checkpoint state")
     weights = read_safetensors(path / "model.safetensors", "checkpoint weights")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        names = set(model.state_dict())
+        missing, unexpected = sorted(names - set(weights)), sorted(set(weights) - names)
+        if not unexpected:
+            set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {k for k in missing if k.endswith(("lm_head.weight", "image_head.weight"))}
     if set(missing) - tied or unexpected:
         raise UserError(f"{path}: checkpoint does not match the model: missing {sorted(set(missing) - tied)[:8]}, "
                         f"unexpected {unexpected[:8]}")
     tensors = read_safetensors(path / "optimizer.safetensors", "checkpoint optimizer state")
     if opt is not None:
-        load_optimizer(opt, {k: v for k, v in tensors.items() if k.startswith("state.")}, state["optimizer"])
+        load_optimizer(model, opt, {k: v for k, v in tensors.items() if k.startswith("state.")}, state["optimizer"])
     restore_rng({k: v for k, v in tensors.items() if k.startswith("rng.")})
     return state

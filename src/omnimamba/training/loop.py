@@ -17,7 +17,7 @@ from ..model import PRESETS, OmniMamba, preset
 from ..tokenizer import TextTokenizer
 from ..fileio import read_json, verify_manifest
 from . import faults
-from .checkpoint import load_checkpoint, newest_intact, save_checkpoint
+from .checkpoint import load_checkpoint, newest_intact, optimizer_state, save_checkpoint
 from .parallel import shard_fsdp2, wrap_ddp
 from .config import StageConfig, TrainConfig
 from .metrics import MetricsLog
@@ -330,10 +330,14 @@ class Trainer:
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def _checkpoint(self, opt, index, stage, step) -> None:
+        """Rank 0 writes the full model and optimizer state (under FSDP2 every rank first helps gather it),
+        so any number of processes, sharded or not, can resume from it."""
+        model_state = optim_state = None
         if self.sharded:
-            return  # sharded state: checkpoint with the final save_pretrained of each stage
+            model_state, optim_state = self._full_state_dict(), optimizer_state(self.model, opt)
         if self.rank == 0:
-            save_checkpoint(self.out / "checkpoints", self.model, opt, index, stage.name, step)
+            save_checkpoint(self.out / "checkpoints", self.model, opt, index, stage.name, step,
+                            model_state=model_state, optim_state=optim_state)
         if self.distributed:
             dist.barrier()
 
