@@ -327,3 +327,21 @@ def test_optimizer_state_is_saved_by_parameter_name_and_older_index_keyed_checkp
         for i, state in sd["state"].items():
             for k, v in state.items():
                 assert torch.equal(fresh.state_dict()["state"][i][k], v), (i, k)
+
+
+def test_cpu_training_uses_deterministic_algorithms_and_puts_the_settings_back(tmp_path):
+    """Two CPU runs of one seed in two processes drifted apart (docs/results/quickstart-cpu/README.md) until the
+    trainer turned on torch's deterministic algorithms; it does so for its run only."""
+    import torch.utils.deterministic as settings
+
+    seen = []
+
+    class Probe(Trainer):
+        def run_stage(self, *args):
+            seen.append((torch.are_deterministic_algorithms_enabled(), settings.fill_uninitialized_memory))
+            return super().run_stage(*args)
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    Probe(tiny_config(tmp_path, [{"name": "stage1-mmu", "steps": 1, "lr": 0.001, "batch": [2, 0]}]), log=quiet).run()
+    assert seen == [(True, False)]
+    assert not torch.are_deterministic_algorithms_enabled() and settings.fill_uninitialized_memory
