@@ -135,21 +135,20 @@ class DecodeClock:
 
 def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     """benchmarks/results/<name>.json, and a copy under $OUT when the device tool runs this."""
-    dirs = [out_dir or RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
-    text = json.dumps(payload, indent=2) + "\n"
-    for d in dirs:
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"{name}.json").write_text(text)
-    return dirs[0] / f"{name}.json"
+    return _write(out_dir or RESULTS, f"{name}.json", json.dumps(payload, indent=2) + "\n")
 
 
 def write_log(name: str, text: str) -> Path:
     """benchmarks/results/logs/<name>, and a copy under $OUT/logs when the device tool runs this."""
-    dirs = [RESULTS / "logs"] + ([Path(os.environ["OUT"]) / "logs"] if os.environ.get("OUT") else [])
-    for d in dirs:
-        d.mkdir(parents=True, exist_ok=True)
-        (d / name).write_text(text)
-    return dirs[0] / name
+    return _write(RESULTS, f"logs/{name}", text)
+
+
+def _write(root: Path, relative: str, text: str) -> Path:
+    """root/relative, and $OUT/relative when set; returns the first."""
+    for d in [root] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else []):
+        (d / relative).parent.mkdir(parents=True, exist_ok=True)
+        (d / relative).write_text(text)
+    return root / relative
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

@@ -56,6 +56,7 @@ def _hopper_refusal() -> bool:
     return (3, 4, 0) <= version < (3, 7, 1)
 
 
+@functools.cache
 def scan_backward(d_state: int, headdim: int) -> str:
     """Which backward the scan gets for these sizes on this machine: 'fla', 'fla-verified' (the refusal of
     fla #640 lifted at the verified tile shape, d_state zero-padded to 128 where smaller) or 'reference'."""
