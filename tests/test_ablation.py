@@ -61,34 +61,119 @@ def test_mean_and_sample_std_and_verdicts():
     claims = {c["claim"]: c for c in check_claims(summary([0.90, 0.91, 0.89], [0.50, 0.52, 0.48]))}
     vocab = claims["decoupled vocabularies help generation (Table 4)"]
     assert vocab["verdict"] == "cannot tell"  # one comparison agrees, the other was not run
-    assert [r["verdict"] for r in vocab["comparisons"]] == ["agrees", "not run"]
+    assert [r["verdict"] for r in vocab["comparisons"]] == ["agrees", "not run", "not run", "not run"]
 
 
-def test_ablate_end_to_end_and_resumes(tmp_path, monkeypatch, capsys):
+def test_a_loss_claim_holds_when_the_better_variant_has_the_lower_loss():
+    def summary(a, b):
+        return summarise([{"variant": "full", "test_t2i_loss": v} for v in a] +
+                         [{"variant": "joint", "test_t2i_loss": v} for v in b])
+
+    lower = compare(summary([1.50, 1.51, 1.49], [1.70, 1.72, 1.68]), "full", "joint", "test_t2i_loss")
+    assert lower["verdict"] == "agrees" and lower["diff"] == pytest.approx(-0.2)
+    assert compare(summary([1.70, 1.72, 1.68], [1.50, 1.51, 1.49]), "full", "joint",
+                   "test_t2i_loss")["verdict"] == "disagrees"
+
+
+def test_ablate_end_to_end_in_parallel_then_in_process_and_resumes(tmp_path, monkeypatch, capsys):
     cfg = tmp_path / "base.json"  # JSON is YAML
     cfg.write_text(json.dumps(BASE))
     out = tmp_path / "abl"
-    args = ["ablate", "--config", str(cfg), "--variants", "full", "unified-nolora", "ratio-1:1", "--seeds", "1",
-            "--n-images", "2", "--n-prompts", "2", "--out", str(out)]
-    assert main(args) == 0
+    common = ["ablate", "--config", str(cfg), "--seeds", "1", "--n-images", "2", "--n-prompts", "2", "--out", str(out)]
+    # Two runs at once, each in its own process (ratio-1:1 is the base's own ratio: the same run as full).
+    assert main([*common, "--variants", "full", "unified-nolora", "ratio-1:1", "--jobs", "2"]) == 0
     report = json.loads((out / "ablation.json").read_text())
     assert [r["variant"] for r in report["records"]] == ["full", "unified-nolora", "ratio-1:1"]
     full, unified, same = report["records"]
-    assert same["same_as"] == "full" and same["test_mmu"] == full["test_mmu"]  # the base ratio is 1:1: one run
+    assert same["same_as"] == "full" and same["test_mmu"] == full["test_mmu"]
     for r in (full, unified):
-        assert set(r) >= {"test_mmu", "test_pope_f1", "test_t2i", "test_t2i_unguided", "heldout_mmu", "heldout_t2i"}
+        assert set(r) >= {"test_mmu", "test_pope_f1", "test_t2i", "test_t2i_unguided", "heldout_mmu", "heldout_t2i",
+                          "test_mmu_loss", "test_t2i_loss"}
         assert all(0 <= r[k] <= 1 for k in ("test_mmu", "test_t2i", "heldout_mmu"))
+        assert r["test_mmu_loss"] > 0 and r["test_t2i_loss"] > 0 and r["machine"].startswith("CPU")
+        log = (out / "runs" / r["variant"] / "seed0" / "ablation_run.log").read_text()
+        assert "stage2-unified" in log  # each process's own training log
     saved = json.loads((out / "runs" / "unified-nolora" / "seed0" / "stage2-unified" / "config.json").read_text())
     assert saved["omnimamba"]["decoupled_vocab"] is False and saved["omnimamba"]["task_lora"] is False
     table = (out / "ablation.md").read_text()
     assert "| full |" in table and "| unified-nolora |" in table and "omnimamba ablate" in table
-    assert (out / "shared" / "vq").is_dir()
+    assert (out / "shared" / "vq").is_dir() and (out / "shared" / "codes.safetensors").is_file()
 
-    # A rerun trains nothing: every run is read back from its score.json.
+    # One more variant, in this process: only it is trained; the finished runs are read back.
+    capsys.readouterr()
+    variants = ["--variants", "full", "unified-nolora", "ratio-1:1", "decoupled-nolora"]
+    assert main([*common, *variants]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("seed 0: reusing") == 2 and "[1/1] decoupled-nolora seed 0: training" in printed
+    records = json.loads((out / "ablation.json").read_text())["records"]
+    assert records[:3] == report["records"]
+
+    # A rerun trains nothing.
     from omnimamba.training.loop import Trainer
 
     monkeypatch.setattr(Trainer, "run", lambda *a, **k: pytest.fail("a finished run was trained again"))
-    capsys.readouterr()
-    assert main(args) == 0
-    assert capsys.readouterr().out.count("seed 0: reusing") == 2  # ratio-1:1 is still the same run as full
-    assert json.loads((out / "ablation.json").read_text())["records"] == report["records"]
+    assert main([*common, *variants, "--jobs", "2"]) == 0
+    assert capsys.readouterr().out.count("seed 0: reusing") == 3
+    assert json.loads((out / "ablation.json").read_text())["records"] == records
+
+    # --report-only: a report of what has finished; the unfinished runs (joint here) are named, not trained.
+    monkeypatch.setattr(Trainer, "__init__", lambda *a, **k: pytest.fail("--report-only built a trainer"))
+    assert main([*common, *variants, "joint", "--report-only"]) == 0
+    assert "not finished, left out: joint seed 0" in capsys.readouterr().out
+    assert json.loads((out / "ablation.json").read_text())["records"] == records
+    assert main([*common[:-1], str(tmp_path / "empty"), "--variants", "full", "--report-only"]) != 0
+    assert "no finished run under" in capsys.readouterr().err
+
+
+def test_a_failed_parallel_run_is_named_and_the_others_finish(tmp_path):
+    from omnimamba.training.ablation import Ablation
+
+    base = json.loads(json.dumps(BASE))
+    out = tmp_path / "abl"
+    ablation = Ablation(base, out, ["full", "unified-nolora"], seeds=[0], n_images=2, n_prompts=2, log=lambda *a: None)
+    # One run fails in its own process (its metrics log cannot be opened: a folder stands in its place); the
+    # other one still finishes.
+    (out / "runs" / "unified-nolora" / "seed0" / "metrics.jsonl").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"1 run\(s\) failed: unified-nolora seed 0"):
+        ablation.run(jobs=2)
+    assert (out / "runs" / "full" / "seed0" / "score.json").is_file()
+
+
+def test_split_losses_are_token_weighted_means_over_the_ground_truth():
+    import torch
+
+    from omnimamba.data.formats import images_to_tensor
+    from omnimamba.data.shapes import ShapesConfig, ShapesWorld
+    from omnimamba.evaluation.shapes_eval import split_losses
+    from omnimamba.model import OmniMamba, preset
+    from omnimamba.sequence import IGNORE_INDEX, MMUBatch, T2IBatch, mmu_example, t2i_prefix
+    from omnimamba.tokenizer import TextTokenizer
+
+    torch.manual_seed(0)
+    model, tok = OmniMamba(preset("shapes-tiny"), backend="reference"), TextTokenizer.shapes()
+    with torch.no_grad():  # token embeddings far from their small initialisation, so every input token matters
+        model.backbone.embedding.weight.normal_(0.0, 1.0)
+    model.train()
+    world = ShapesWorld(ShapesConfig(image_size=model.config.vq.image_size), seed=0)
+    got = split_losses(model, tok, world, "test", n_images=3, batch_size=4)  # padded batches of mixed lengths
+    assert model.training  # left as it was found
+
+    # Reference: one example at a time (no padding), each example's mean loss weighted by its target count.
+    model.eval()
+    mmu_sum = mmu_n = t2i_sum = 0.0
+    with torch.no_grad():
+        for i in range(3):
+            s = world.sample("test", i)
+            for q in s.questions:
+                ex = mmu_example(tok, [(q.question, q.answer)])
+                _, loss = model.forward_mmu(MMUBatch.collate(images_to_tensor([s.image]), [ex], tok.special))
+                n = sum(label != IGNORE_INDEX for label in ex.labels)
+                mmu_sum, mmu_n = mmu_sum + float(loss) * n, mmu_n + n
+            codes = model.vq.encode(images_to_tensor([s.image]) * 2 - 1)
+            batch = T2IBatch.collate([t2i_prefix(tok, s.captions[0], model.config.max_caption_tokens)], codes,
+                                     tok.special, [False])
+            t2i_sum += float(model.forward_t2i(batch)[1])
+    assert got["mmu_loss"] == pytest.approx(mmu_sum / mmu_n, rel=1e-6)
+    assert got["t2i_loss"] == pytest.approx(t2i_sum / 3, rel=1e-6)
+    # An untrained model is close to uniform over the codebook: a sanity bound on the scale, not a tolerance.
+    assert abs(got["t2i_loss"] - math.log(model.config.vq.codebook_size)) < 1.0

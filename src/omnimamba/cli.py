@@ -247,10 +247,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    import platform
     from pathlib import Path
-
-    import torch
 
     from .evaluation.ablation_report import write_report
     from .training.ablation import DEFAULT_VARIANTS, Ablation
@@ -259,13 +256,14 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     base = apply_overrides(read_config_file(args.config), args.set or [])
     seeds = list(range(args.seed, args.seed + args.seeds))
     ablation = Ablation(base, args.out, args.variants or DEFAULT_VARIANTS, seeds, args.n_images, args.n_prompts)
-    records = ablation.run()
-    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
-              else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
+    records = ablation.run(jobs=args.jobs, train=not args.report_only)
+    if not records:
+        raise UserError(f"ablate --report-only: no finished run under {args.out}/runs (each writes score.json)")
+    # The machines the runs recorded (a report of runs finished elsewhere names theirs, not this one).
+    machines = sorted({r.get("machine", "not recorded by the run") for r in records})
     argv = sys.argv[1:] if args.argv is None else args.argv
-    meta = {"command": "omnimamba " + " ".join(argv),
-            "machine": f"{device}, torch {torch.__version__}", "seeds": seeds, "n_images": args.n_images,
-            "n_prompts": args.n_prompts}
+    meta = {"command": "omnimamba " + " ".join(argv), "machine": "; ".join(machines), "seeds": seeds,
+            "n_images": args.n_images, "n_prompts": args.n_prompts}
     report = write_report(records, args.out, meta)
     print((Path(args.out) / "ablation.md").read_text())
     print(f"wrote {args.out}/ablation.json, ablation.md" + (", ablation.png" if report["chart"] else
@@ -492,6 +490,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-images", type=_positive_int, default=50, help="test images whose questions score MMU (default: 50)")
     p.add_argument("--n-prompts", type=_positive_int, default=48, help="T2I prompts per split (default: 48)")
     p.add_argument("--out", default="runs/ablation", help="output folder; a rerun reuses finished runs (default: runs/ablation)")
+    p.add_argument("--jobs", type=_positive_int, default=1,
+                   help="runs trained at once, each in its own process, spread over the visible GPUs, for runs too "
+                        "small to fill a GPU (default: 1, one after another in this process)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the report from the runs that have finished (the others are named)")
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("guidance", help="T2I score against the guidance scale, over sampling seeds (Shapes)")

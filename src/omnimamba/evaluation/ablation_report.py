@@ -16,18 +16,26 @@ METRICS = {
     "test_t2i_unguided": "T2I test (unguided)",
     "heldout_mmu": "MMU held-out",
     "heldout_t2i": "T2I held-out (guided)",
+    "test_mmu_loss": "MMU loss test",
+    "test_t2i_loss": "T2I loss test",
 }
+# Losses (nats per target token on the test split's ground truth): lower is better. They carry no sampling
+# noise, so they separate variants whose sampled scores are still within noise of each other.
+LOWER_IS_BETTER = {"test_mmu_loss", "test_t2i_loss"}
 
 # (claim, [(better variant, worse variant, score), ...]): the paper says the first beats the second on each.
 CLAIMS = [
     ("decoupled vocabularies help generation (Table 4)",
-     [("full", "unified-lora", "test_t2i"), ("decoupled-nolora", "unified-nolora", "test_t2i")]),
+     [(a, b, k) for a, b in (("full", "unified-lora"), ("decoupled-nolora", "unified-nolora"))
+      for k in ("test_t2i", "test_t2i_loss")]),
     ("task LoRA helps understanding (Table 4)",
-     [("full", "decoupled-nolora", "test_mmu"), ("unified-lora", "unified-nolora", "test_mmu")]),
+     [(a, b, k) for a, b in (("full", "decoupled-nolora"), ("unified-lora", "unified-nolora"))
+      for k in ("test_mmu", "test_mmu_loss")]),
     ("task LoRA helps generation (Table 4)",
-     [("full", "decoupled-nolora", "test_t2i"), ("unified-lora", "unified-nolora", "test_t2i")]),
+     [(a, b, k) for a, b in (("full", "decoupled-nolora"), ("unified-lora", "unified-nolora"))
+      for k in ("test_t2i", "test_t2i_loss")]),
     ("decoupled two-stage training beats one joint stage (Section 3.5)",
-     [("full", "joint", "test_mmu"), ("full", "joint", "test_t2i")]),
+     [("full", "joint", k) for k in ("test_mmu", "test_t2i", "test_mmu_loss", "test_t2i_loss")]),
 ]
 
 
@@ -55,8 +63,8 @@ def summarise(records: list[dict]) -> dict:
 
 
 def compare(summary: dict, better: str, worse: str, key: str) -> dict:
-    """The difference of means and whether it exceeds twice its standard error (Welch's), which is what
-    'beyond noise' means here."""
+    """The difference of means (better minus worse) and whether it exceeds twice its standard error (Welch's),
+    which is what 'beyond noise' means here; for a loss the claim holds when the difference is negative."""
     a, b = summary.get(better, {}).get(key), summary.get(worse, {}).get(key)
     if a is None or b is None:
         return {"verdict": "not run"}
@@ -67,7 +75,7 @@ def compare(summary: dict, better: str, worse: str, key: str) -> dict:
     if abs(diff) <= 2 * se:
         verdict = "within noise"
     else:
-        verdict = "agrees" if diff > 0 else "disagrees"
+        verdict = "agrees" if (diff < 0 if key in LOWER_IS_BETTER else diff > 0) else "disagrees"
     return {"diff": diff, "se": se, "verdict": verdict}
 
 
@@ -101,7 +109,8 @@ def markdown(summary: dict, claims: list[dict], meta: dict) -> str:
         cells = [f"{scores[k]['mean']:.3f} ± {scores[k]['std']:.3f}" if k in scores else "-" for k in keys]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     lines += ["", "## The paper's claims", "",
-              "A difference counts when it exceeds twice its standard error over seeds; otherwise it is within noise.",
+              "A difference counts when it exceeds twice its standard error over seeds; otherwise it is within noise. "
+              "Losses are nats per target token on the test split's ground truth (lower is better).",
               "", "| claim | verdict | comparisons (difference of means) |", "|---|---|---|"]
     for c in claims:
         parts = [f"{r['better']} − {r['worse']} on {METRICS[r['score']]}: "
@@ -129,7 +138,9 @@ def bar_chart(summary: dict, path: Path) -> Path | None:
                 continue
             ax.barh(y, s["mean"], xerr=s["std"], color="C0" if v == "full" else "0.6", capsize=3)
             ax.plot(s["values"], [y] * len(s["values"]), "k.", ms=4)
-        ax.set(title=METRICS[key], xlim=(0, 1))
+        ax.set(title=METRICS[key] + (" (lower is better)" if key in LOWER_IS_BETTER else ""))
+        if key not in LOWER_IS_BETTER:
+            ax.set_xlim(0, 1)
         ax.title.set_fontsize(9)
     axes[0].set_yticks(range(len(variants)), variants)
     axes[0].invert_yaxis()

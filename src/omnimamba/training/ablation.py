@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -68,8 +69,8 @@ def variant_config(base: dict, name: str) -> dict:
 def score_model(model, world, n_images: int, n_prompts: int, guidance: float, temperature: float,
                 top_k: int) -> dict:
     """The scores an ablation compares: test MMU, mean POPE F1, T2I with and without guidance; held-out MMU
-    and T2I."""
-    from ..evaluation.shapes_eval import evaluate_mmu, evaluate_t2i
+    and T2I; and the test split's losses (nats per token of its answers and image codes)."""
+    from ..evaluation.shapes_eval import evaluate_mmu, evaluate_t2i, split_losses
 
     tok = model.tokenizer
     out = {}
@@ -84,7 +85,48 @@ def score_model(model, world, n_images: int, n_prompts: int, guidance: float, te
             plain, _ = evaluate_t2i(model, tok, world, split, n_prompts, guidance_scale=1.0,
                                     temperature=temperature, top_k=top_k)
             out["test_t2i_unguided"] = plain["overall"]
+    losses = split_losses(model, tok, world, "test", n_images)
+    out.update({f"test_{k}": v for k, v in losses.items()})
     return out
+
+
+def train_and_score(spec: dict, log=None) -> dict:
+    """Train one (variant, seed) run from its spec (the run config and the scoring settings), score it and
+    write its score.json; returns the record."""
+    from .config import config_from_dict
+    from .data import shapes_world
+    from .loop import Trainer
+
+    cfg = config_from_dict(spec["config"])
+    start = time.perf_counter()
+    trainer = Trainer(cfg, log=log or (lambda *a, **kw: None))
+    trainer.run()
+    train_s = time.perf_counter() - start
+    world = trainer.world or shapes_world(cfg)
+    scores = score_model(trainer.model.eval(), world, spec["n_images"], spec["n_prompts"], spec["guidance"],
+                         spec["temperature"], spec["top_k"])
+    rec = {"variant": spec["variant"], "seed": spec["seed"], "machine": machine(), "train_s": round(train_s, 1),
+           "eval_s": round(time.perf_counter() - start - train_s, 1), **scores}
+    path = Path(cfg.run.out) / "score.json"
+    with writing(path, "ablation score"):
+        path.write_text(json.dumps(rec, indent=1))
+    return rec
+
+
+def machine() -> str:
+    """The device runs train on, in words (recorded with each run's scores)."""
+    import platform
+
+    import torch
+
+    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
+              else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
+    return f"{device}, torch {torch.__version__}"
+
+
+def _describe(rec: dict) -> str:
+    scores = "  ".join(f"{k} {v:.3f}" for k, v in rec.items() if isinstance(v, float) and k not in ("train_s", "eval_s"))
+    return f"{scores}  ({rec['train_s']:.0f} s training)"
 
 
 class Ablation:
@@ -103,23 +145,31 @@ class Ablation:
         self.variants, self.seeds = list(dict.fromkeys(variants)), list(seeds)
         self.n_images, self.n_prompts, self.log = n_images, n_prompts, log
 
-    def _shared_tokenizer(self) -> tuple[Path, Path]:
-        """Train the base config's VQ tokenizer once (resumable like any run) and return its folder and the
-        shared code cache path."""
+    def _shared_paths(self) -> tuple[Path, Path]:
+        """The tokenizer folder and the code cache every run reads (the base config's own, if it names them)."""
+        shared = self.out / "shared"
+        given = self.base.get("model", {}).get("vq")
+        cache = self.base.get("data", {}).get("codes_cache") or shared / "codes.safetensors"
+        return (Path(given) if given else shared / "vq"), Path(cache)
+
+    def _shared_data(self) -> tuple[Path, Path]:
+        """Train the base config's VQ tokenizer once (resumable like any run) and cache the training images'
+        codes with it; return the tokenizer's folder and the code cache's path, which every run reads."""
         from .config import config_from_dict
         from .loop import Trainer
 
-        shared = self.out / "shared"
+        vq_dir, cache = self._shared_paths()
         raw = copy.deepcopy(self.base)
-        raw.setdefault("run", {}).update({"out": str(shared), "seed": 0, "tensorboard": False})
-        cache = raw.get("data", {}).get("codes_cache") or shared / "codes.safetensors"
+        raw.setdefault("run", {}).update({"out": str(self.out / "shared"), "seed": 0, "tensorboard": False})
+        raw.setdefault("data", {})["codes_cache"] = str(cache)
         if raw.get("model", {}).get("vq"):  # a given tokenizer: nothing to train
-            return Path(raw["model"]["vq"]), Path(cache)
+            raw.setdefault("vq_train", {})["steps"] = 0
         trainer = Trainer(config_from_dict(raw), log=self.log)
         trainer.out.mkdir(parents=True, exist_ok=True)
         trainer.prepare_vq()
+        trainer.prepare_data()  # the code cache, written once here rather than raced for by parallel runs
         trainer.close()
-        return shared / "vq", Path(cache)
+        return vq_dir, cache
 
     def run_config(self, variant: str, seed: int, vq_dir: Path, cache: Path) -> dict:
         raw = variant_config(self.base, variant)
@@ -131,51 +181,142 @@ class Ablation:
                     "eval_every": 0, "eval_images": 0, "eval_prompts": 0, "progress": False, "tensorboard": False})
         return raw
 
-    def _eval_settings(self) -> tuple[float, float, int]:
+    def _eval_settings(self) -> dict:
         from .config import config_from_dict
 
         r = config_from_dict(self.base).run
-        return r.eval_guidance, r.eval_temperature, r.eval_top_k
+        return {"guidance": r.eval_guidance, "temperature": r.eval_temperature, "top_k": r.eval_top_k,
+                "n_images": self.n_images, "n_prompts": self.n_prompts}
 
-    def run(self) -> list[dict]:
-        """Every (variant, seed): its scores, from score.json or by training and scoring it now."""
-        from ..data.shapes import ShapesWorld
-        from .config import config_from_dict
-        from .data import shapes_world
-        from .loop import Trainer
-
-        self.out.mkdir(parents=True, exist_ok=True)
-        vq_dir, cache = self._shared_tokenizer()
-        guidance, temperature, top_k = self._eval_settings()
-        records, done = [], {}  # done: a run's config (less its folder) -> its record
-        todo = [(v, s) for v in self.variants for s in self.seeds]
-        for k, (variant, seed) in enumerate(todo, 1):
+    def run(self, jobs: int = 1, train: bool = True) -> list[dict]:
+        """Every (variant, seed): its scores, from score.json or by training and scoring it now, `jobs` runs at
+        a time (each in its own process when jobs > 1, spread over the visible GPUs). Runs go seed by seed,
+        so an ablation stopped part-way has every variant's first seeds. train=False: the finished runs only
+        (the others are named in the log)."""
+        if train:
+            self.out.mkdir(parents=True, exist_ok=True)
+            vq_dir, cache = self._shared_data()
+        else:
+            vq_dir, cache = self._shared_paths()
+        settings = self._eval_settings()
+        order = [(v, s) for s in self.seeds for v in self.variants]
+        first, keys, todo = {}, [], []  # first: a run's config (less its folder) -> the (variant, seed) that runs it
+        records: dict[tuple, dict] = {}
+        for variant, seed in order:
             raw = self.run_config(variant, seed, vq_dir, cache)
-            cfg = config_from_dict(raw)
-            same = json.dumps({**raw, "run": {**raw["run"], "out": None}}, sort_keys=True, default=str)
-            score_path = Path(cfg.run.out) / "score.json"
-            if same in done:  # e.g. ratio-1:1 when the base's ratio is 1:1: the same run as another variant
-                rec = {**done[same], "variant": variant, "same_as": done[same]["variant"]}
-                self.log(f"[{k}/{len(todo)}] {variant} seed {seed}: the same run as {done[same]['variant']}")
-                records.append(rec)
+            key = json.dumps({**raw, "run": {**raw["run"], "out": None}}, sort_keys=True, default=str)
+            keys.append(key)
+            if key in first:  # e.g. ratio-1:1 when the base's ratio is 1:1: the same run as another variant
                 continue
+            first[key] = (variant, seed)
+            score_path = Path(raw["run"]["out"]) / "score.json"
             if score_path.is_file():
-                rec = read_json(score_path, "ablation score")
-                self.log(f"[{k}/{len(todo)}] {variant} seed {seed}: reusing {score_path}")
-                records.append(done.setdefault(same, rec))
+                records[(variant, seed)] = read_json(score_path, "ablation score")
+                self.log(f"{variant} seed {seed}: reusing {score_path}")
+            else:
+                todo.append({"config": raw, "variant": variant, "seed": seed, **settings})
+        if todo and not train:
+            self.log("not finished, left out: " + ", ".join(f"{t['variant']} seed {t['seed']}" for t in todo))
+            todo = []
+        if todo:
+            self.log(f"{len(todo)} run(s) to train, {len(first) - len(todo)} finished before"
+                     + (f", {jobs} at a time" if jobs > 1 else ""))
+        if jobs > 1 and len(todo) > 1:
+            records.update(_run_parallel(todo, jobs, self.log))
+        else:
+            for k, spec in enumerate(todo, 1):
+                self.log(f"[{k}/{len(todo)}] {spec['variant']} seed {spec['seed']}: training")
+                rec = train_and_score(spec)
+                records[(spec["variant"], spec["seed"])] = rec
+                self.log("    " + _describe(rec))
+        out = []
+        for (variant, seed), key in zip(order, keys):
+            owner = first[key]
+            if owner not in records:  # not finished (train=False)
                 continue
-            self.log(f"[{k}/{len(todo)}] {variant} seed {seed}: training")
-            start = time.perf_counter()
-            trainer = Trainer(cfg, log=lambda *a, **kw: None)
-            trainer.run()
-            train_s = time.perf_counter() - start
-            world: ShapesWorld = trainer.world or shapes_world(cfg)
-            scores = score_model(trainer.model.eval(), world, self.n_images, self.n_prompts, guidance, temperature,
-                                 top_k)
-            rec = {"variant": variant, "seed": seed, "train_s": round(train_s, 1),
-                   "eval_s": round(time.perf_counter() - start - train_s, 1), **scores}
-            with writing(score_path, "ablation score"):
-                score_path.write_text(json.dumps(rec, indent=1))
-            self.log("    " + "  ".join(f"{name} {v:.3f}" for name, v in scores.items()) + f"  ({train_s:.0f} s)")
-            records.append(done.setdefault(same, rec))
-        return records
+            rec = records[owner]
+            out.append(rec if owner == (variant, seed) else {**rec, "variant": variant, "same_as": owner[0]})
+        return out
+
+
+def _visible_gpus() -> list[str]:
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else []
+    return ids[:torch.cuda.device_count()] or [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _run_parallel(todo: list[dict], jobs: int, log) -> dict:
+    """Train and score each spec in its own process (`python -m omnimamba.training.ablation SPEC`), `jobs` at
+    once, each pinned to the least busy visible GPU (none on a CPU-only machine) and given an equal share of
+    the CPU threads. A run that fails is reported with its log; the others go on, and the ablation then stops
+    with the list (finished runs keep their score.json, so the same command retries only the failed ones)."""
+    import os
+    import subprocess
+    import sys
+
+    gpus = _visible_gpus()
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    pending, running, records, failed = list(todo), [], {}, []
+    busy = {g: 0 for g in gpus}
+    started = time.perf_counter()
+    while pending or running:
+        while pending and len(running) < jobs:
+            spec = pending.pop(0)
+            run_dir = Path(spec["config"]["run"]["out"])
+            run_dir.mkdir(parents=True, exist_ok=True)
+            spec_path, log_path = run_dir / "ablation_run.json", run_dir / "ablation_run.log"
+            spec_path.write_text(json.dumps(spec, indent=1))
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+            gpu = min(busy, key=busy.get) if busy else None
+            if gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = gpu
+                busy[gpu] += 1
+            with open(log_path, "w") as f:
+                proc = subprocess.Popen([sys.executable, "-m", "omnimamba.training.ablation", str(spec_path)],
+                                        stdout=f, stderr=subprocess.STDOUT, env=env)
+            running.append((proc, spec, gpu, log_path, time.perf_counter()))
+            where = f"GPU {gpu}" if gpu is not None else "CPU"
+            log(f"started {spec['variant']} seed {spec['seed']} on {where} (log: {log_path})")
+        time.sleep(1.0)
+        for item in [r for r in running if r[0].poll() is not None]:
+            proc, spec, gpu, log_path, t0 = item
+            running.remove(item)
+            if gpu is not None:
+                busy[gpu] -= 1
+            done = len(todo) - len(pending) - len(running)
+            head = f"[{done}/{len(todo)}, {time.perf_counter() - started:.0f} s] {spec['variant']} seed {spec['seed']}"
+            score_path = Path(spec["config"]["run"]["out"]) / "score.json"
+            if proc.returncode == 0 and score_path.is_file():
+                rec = read_json(score_path, "ablation score")
+                records[(spec["variant"], spec["seed"])] = rec
+                log(f"{head}: {_describe(rec)}")
+            else:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+                log(f"{head}: FAILED (exit {proc.returncode}); the end of {log_path}:\n    " + "\n    ".join(tail))
+                failed.append(f"{spec['variant']} seed {spec['seed']} ({log_path})")
+    if failed:
+        raise UserError(f"ablate: {len(failed)} run(s) failed: {'; '.join(failed)}. The finished runs are kept; "
+                        "the same command retries only the failed ones")
+    return records
+
+
+def _main(argv: list[str]) -> int:
+    """One run of a parallel ablation: `python -m omnimamba.training.ablation SPEC.json` (written by
+    _run_parallel); prints its training log and scores."""
+    if len(argv) != 1:
+        print("usage: python -m omnimamba.training.ablation SPEC.json", file=sys.stderr)
+        return 2
+    spec = read_json(Path(argv[0]), "ablation run spec")
+    rec = train_and_score(spec, log=print)
+    print(_describe(rec), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
