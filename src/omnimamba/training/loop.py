@@ -63,6 +63,7 @@ class Trainer:
         self.mmu_source = self.t2i_source = None
         self.metrics = MetricsLog(self.out, config.run.tensorboard)
         self._sharded_once = False
+        self._kernels_noted = False
 
     # --- set-up -------------------------------------------------------------------------------------
     def _device(self) -> torch.device:
@@ -286,6 +287,11 @@ class Trainer:
         bar = tqdm(range(first, stage.steps), desc=stage.name, initial=first, total=stage.steps,
                    disable=not (c.run.progress and self.rank == 0))
         trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if self.device.type == "cuda" and not self._kernels_noted:
+            self._kernels_noted = True
+            cache = os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache")
+            self.log(f"the first steps compile the GPU kernels: minutes on a cold Triton cache, and again for each "
+                     f"new batch shape; later runs reuse {cache}")
         t0, tokens_since = time.perf_counter(), 0
         for step in bar:
             lr = stage.lr_at(step)
