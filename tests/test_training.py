@@ -337,3 +337,16 @@ def test_cpu_training_uses_deterministic_algorithms_and_puts_the_settings_back(t
     Probe(tiny_config(tmp_path, [{"name": "stage1-mmu", "steps": 1, "lr": 0.001, "batch": [2, 0]}]), log=quiet).run()
     assert seen == [(True, False)]
     assert not torch.are_deterministic_algorithms_enabled() and settings.fill_uninitialized_memory
+
+
+def test_run_backend_picks_the_kernels_and_refuses_what_cannot_run_here(tmp_path, monkeypatch):
+    stages = [{"name": "stage1-mmu", "steps": 1, "lr": 0.001, "batch": [2, 0]}]
+    with pytest.raises(UserError, match="run.backend must be one of auto, reference, fla, got 'triton'"):
+        tiny_config(tmp_path, stages, backend="triton")
+    trainer = Trainer(tiny_config(tmp_path / "ref", stages, backend="reference"), log=quiet)
+    assert trainer.model.backend == "reference"
+    # fla needs CUDA and its package: refused with the fix, before any work (pretend neither is here).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="run.backend is 'fla', which cannot run here .* use auto or reference"):
+        Trainer(tiny_config(tmp_path / "fla", stages, backend="fla"), log=quiet)
+    assert not (tmp_path / "fla").exists()

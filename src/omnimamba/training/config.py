@@ -134,6 +134,9 @@ class RunSection:
     seed: int = 0
     device: str = "auto"         # "auto" | "cpu" | "cuda" | "cuda:N"
     precision: str = "auto"      # "auto" (bf16 autocast on GPU, fp32 on CPU) | "bf16" | "fp32"
+    # Mamba-2 kernels: "auto" (fla's Triton kernels on a GPU where installed, else pure PyTorch) | "reference"
+    # (pure PyTorch everywhere: nothing to compile, which a small model's short run may prefer) | "fla"
+    backend: str = "auto"
     log_every: int = 10
     eval_every: int = 0          # 0: evaluate at the end of each stage only
     ckpt_every: int = 500
@@ -180,6 +183,10 @@ class TrainConfig:
             _check_path(getattr(self.data, name), f"data.{name}")
         if self.run.precision not in ("auto", "bf16", "fp32"):
             raise UserError(f"run.precision must be auto, bf16 or fp32, got {self.run.precision!r}")
+        from ..ops import BACKENDS
+
+        if self.run.backend not in ("auto", *BACKENDS):
+            raise UserError(f"run.backend must be one of {', '.join(('auto', *BACKENDS))}, got {self.run.backend!r}")
         if self.run.strategy not in ("ddp", "fsdp"):
             raise UserError(f"run.strategy must be ddp or fsdp, got {self.run.strategy!r}")
         if self.optim.grad_clip <= 0 or self.optim.weight_decay < 0:

@@ -82,6 +82,22 @@ class Trainer:
         return device
 
     def _build_model(self) -> OmniMamba:
+        model = self._new_model()
+        backend = self.cfg.run.backend
+        if backend != "auto":
+            from ..ops import load_backend
+
+            try:
+                load_backend(backend)
+                if backend != "reference" and not load_backend(backend).is_available():
+                    raise ImportError("it needs a CUDA device and flash-linear-attention")
+            except ImportError as e:
+                raise UserError(f"run.backend is {backend!r}, which cannot run here ({e}); use auto or "
+                                "reference") from None
+            model.set_backend(backend)
+        return model
+
+    def _new_model(self) -> OmniMamba:
         m = self.cfg.model
         if m.init:
             model = OmniMamba.from_pretrained(m.init)
