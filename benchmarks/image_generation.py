@@ -2,10 +2,11 @@
 with classifier-free guidance, so 32 rows decode together. One GPU, one run, random weights.
 
 Rows:
-  omnimamba             the 1.3B preset, bf16, fused kernels, CUDA-graph decode; codes, then the VQ decoder
+  omnimamba             the 1.3B preset, bf16, fused kernels, CUDA-graph decode, the SSM state stored in bf16
+                        (model.decode_state_dtype's default on a GPU, as mamba_ssm keeps it for bf16 models:
+                        half the state traffic, which dominates a step at 32 rows); codes, then the VQ decoder
   omnimamba-eager       the same without CUDA graphs
-  omnimamba-bf16-state  CUDA graphs with the SSM state stored in bf16 (model.decode_state_dtype), as mamba_ssm
-                        keeps it for bf16 models: half the state traffic, which dominates a step at 32 rows
+  omnimamba-fp32-state  CUDA graphs with the SSM state in float32 (model.decode_state_dtype = None)
   llama-stock           transformers LLaMA ~1.3B (DeepSeek-LLM-1.3B shape) over the 16,384 image codes,
                         stock `generate` with the guidance mix as a logits processor (32 rows)
   llama-static-compile  the same with cache_implementation="static", under which `generate` compiles its
@@ -50,7 +51,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--systems", nargs="+", default=["omnimamba", "omnimamba-eager", "omnimamba-bf16-state",
+    ap.add_argument("--systems", nargs="+", default=["omnimamba", "omnimamba-eager", "omnimamba-fp32-state",
                                                      "llama-stock", "llama-static-compile"])
     args = ap.parse_args()
     info = gc.device_info()
@@ -79,8 +80,8 @@ def main() -> None:
         caption = torch.zeros_like(prefix, dtype=torch.bool)
         caption[:, 2:4] = True
         weights = gc.param_bytes(model.backbone.layers) + model.image_head.weight.nbytes
-        for system, graph, state in (("omnimamba", True, None), ("omnimamba-eager", False, None),
-                                     ("omnimamba-bf16-state", True, torch.bfloat16)):
+        for system, graph, state in (("omnimamba", True, "auto"), ("omnimamba-eager", False, "auto"),
+                                     ("omnimamba-fp32-state", True, None)):
             if system not in args.systems:
                 continue
             model.decode_state_dtype = state
@@ -99,7 +100,7 @@ def main() -> None:
                 return {"seconds": total_s, "images_per_s": n / total_s, "codes_seconds": codes_s,
                         "ms_per_step": 1e3 * codes_s / tokens}
 
-            cache = model.allocate_cache(2 * n, ssm_dtype=state)
+            cache = model.allocate_cache(2 * n, ssm_dtype=model.state_dtype_on("cuda"))
             roofline = 1e3 * (weights + 2 * cache.nbytes) / bandwidth
             del cache
             record({"system": system, "images": n, "roofline_ms_per_step": roofline}, measure)

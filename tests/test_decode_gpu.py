@@ -34,6 +34,9 @@ def model_on(backend, dtype=torch.float32):
                 p.normal_(0, 0.02)
     model = model.cuda().to(dtype).eval()
     model.set_backend(backend)
+    # The kernels' parity is tested on a float32 state; the bf16 state a GPU decodes with by default has its own
+    # cases here and in test_ops_gpu.py, and benchmarks/state_dtype.py measures what it changes.
+    model.decode_state_dtype = None
     return model
 
 
@@ -116,11 +119,25 @@ def test_graphed_generation_equals_eager_generation():
     ids, mask = pad_left([p for p, _ in prefixes], TOK.special.eot)
     cap, _ = pad_left([m for _, m in prefixes], False)
     args = (ids.cuda(), mask.cuda(), cap.bool().cuda())
-    for state_dtype in (None, torch.bfloat16):  # the default float32 state, then the optional bf16 one
+    for state_dtype in (None, torch.bfloat16):  # a float32 state, then the bf16 one (a GPU's default)
         model.decode_state_dtype = state_dtype
         eager = model.generate_image_codes(*args, guidance_scale=3.0, temperature=0.0, use_cuda_graph=False)
         graphed = model.generate_image_codes(*args, guidance_scale=3.0, temperature=0.0, use_cuda_graph=True)
         assert torch.equal(eager, graphed)
+
+
+def test_a_gpu_decodes_with_a_bf16_state_by_default():
+    model = model_on("fla")
+    model.decode_state_dtype = "auto"  # the default
+    with model._decoder("image", 2, torch.device("cuda"), True) as runner:
+        assert runner.cache.ssm.dtype == torch.bfloat16
+    from omnimamba.serving.images import ImageBatcher
+
+    images = ImageBatcher(model, max_batch=2)
+    try:
+        assert images.cache.ssm.dtype == torch.bfloat16  # the server decodes as generate_images does
+    finally:
+        images.close()
 
 
 @torch.no_grad()

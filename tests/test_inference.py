@@ -125,3 +125,21 @@ def test_api_errors(model):
         model.answer([np.zeros((64, 64, 3), np.uint8)], ["a", "b"])
     with pytest.raises(UserError, match=r"\(H, W, 3\)"):
         model.answer(np.zeros((64, 64), np.uint8), "q")
+
+
+def test_decode_state_dtype_is_bf16_on_a_gpu_and_float32_elsewhere_by_default(model):
+    assert model.decode_state_dtype == "auto"
+    assert model.state_dtype_on("cuda") is torch.bfloat16 and model.state_dtype_on(torch.device("cuda", 1)) is torch.bfloat16
+    assert model.state_dtype_on("cpu") is None  # float32: the cache's own default
+    with model._decoder("text", 2, torch.device("cpu"), False) as runner:
+        assert runner.cache.ssm.dtype == torch.float32
+    model.decode_state_dtype = torch.bfloat16  # asked for explicitly: any device
+    try:
+        assert model.state_dtype_on("cpu") is torch.bfloat16
+        with model._decoder("text", 2, torch.device("cpu"), False) as runner:
+            assert runner.cache.ssm.dtype == torch.bfloat16
+        model.decode_state_dtype = "bf16"
+        with pytest.raises(ValueError, match="decode_state_dtype must be 'auto', None or a torch dtype"):
+            model.state_dtype_on("cpu")
+    finally:
+        model.decode_state_dtype = "auto"

@@ -23,12 +23,24 @@ class GenerationMixin:
     # use and refreshed when a generation starts): the unmerged LoRA costs two extra small GEMMs per layer
     # and step, about a fifth of a decode step at batch 1. Set False to save the copies' memory.
     decode_with_merged_lora: bool = True
-    # dtype of the SSM state while generating: None is float32. torch.bfloat16 (what mamba_ssm uses for bf16
-    # models) halves the state's memory traffic, most of a step at batch 32 (16 images with guidance).
-    decode_state_dtype: torch.dtype | None = None
+    # dtype of the SSM state while generating. "auto": bfloat16 on a GPU, where it halves the state's memory
+    # traffic, most of a step at batch 32 (16 images with guidance: 11.9 -> 14.9 images/s on an H100,
+    # benchmarks/results/logs/final_run.log), float32 elsewhere; None: float32. A bf16 state is updated in float32
+    # and rounded when stored (what mamba_ssm keeps for bf16 models); what it changes in the outputs is measured
+    # by benchmarks/state_dtype.py.
+    decode_state_dtype: torch.dtype | str | None = "auto"
     # Prefill a long prompt this many positions at a time (0: all at once), each chunk continuing the cache the
     # last one left: the prefill's activations then grow with the chunk, not with the prompt. Same result.
     prefill_chunk: int = 0
+
+    def state_dtype_on(self, device) -> torch.dtype | None:
+        """The SSM state's dtype for decoding on `device` (decode_state_dtype resolved; None is float32)."""
+        d = self.decode_state_dtype
+        if isinstance(d, str):
+            if d != "auto":
+                raise ValueError(f"decode_state_dtype must be 'auto', None or a torch dtype, got {d!r}")
+            return torch.bfloat16 if torch.device(device).type == "cuda" else None
+        return d
 
     def prefill(self, x: Tensor, cache, mask: Tensor | None = None, task: str | None = None) -> Tensor:
         """Run embeddings x (b, L, d) (left-padded rows marked by mask) into `cache`; the last hidden states
@@ -77,9 +89,10 @@ class GenerationMixin:
         task); an eager one, or a graphed one already in use by another generation, gets a fresh cache."""
         route = self._route("mmu" if kind == "text" else "t2i")
         graph = graphs_enabled(use_cuda_graph, self, device)
+        state_dtype = self.state_dtype_on(device)
 
         def build(use_graph: bool) -> StepRunner:
-            cache = self.allocate_cache(batch_size, device, ssm_dtype=self.decode_state_dtype)
+            cache = self.allocate_cache(batch_size, device, ssm_dtype=state_dtype)
             zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
             if kind == "text":
                 def fn(tokens, positions):
@@ -97,7 +110,7 @@ class GenerationMixin:
         if graph:
             w = self.lm_head.weight
             key = (kind, batch_size, route, w.device, w.dtype, w.data_ptr(), self.decode_with_merged_lora,
-                   self.decode_state_dtype)
+                   state_dtype)
             runner = self._runners.get(key, lambda: build(True))
             if not runner.in_use:
                 runner.cache.reset()
