@@ -177,3 +177,43 @@ def test_split_losses_are_token_weighted_means_over_the_ground_truth():
     assert got["t2i_loss"] == pytest.approx(t2i_sum / 3, rel=1e-6)
     # An untrained model is close to uniform over the codebook: a sanity bound on the scale, not a tolerance.
     assert abs(got["t2i_loss"] - math.log(model.config.vq.codebook_size)) < 1.0
+
+
+def test_parallel_runs_are_spread_over_the_visible_gpus(tmp_path, monkeypatch):
+    """Each run's process sees one GPU, the least busy of those this process may use, and a share of the CPU."""
+    import os
+    import subprocess
+
+    import torch
+
+    from omnimamba.training import ablation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert ablation._visible_gpus() == ["3", "5"]
+
+    started = []
+
+    class FakeRun:  # finishes at once, having written its score
+        def __init__(self, cmd, stdout, stderr, env):
+            spec = json.loads(open(cmd[-1]).read())
+            started.append((spec["variant"], env["CUDA_VISIBLE_DEVICES"], env["OMP_NUM_THREADS"]))
+            out = tmp_path / spec["variant"]
+            (out / "score.json").write_text(json.dumps({"variant": spec["variant"], "seed": 0, "train_s": 1.0,
+                                                        "test_mmu": 0.5}))
+            self.returncode = 0
+
+        def poll(self):
+            return self.returncode
+
+    monkeypatch.setattr(subprocess, "Popen", FakeRun)
+    monkeypatch.setattr(ablation.time, "sleep", lambda s: None)
+    todo = [{"variant": v, "seed": 0, "config": {"run": {"out": str(tmp_path / v)}}} for v in "abcde"]
+    records = ablation._run_parallel(todo, jobs=4, log=lambda *a: None)
+    assert sorted(records) == [(v, 0) for v in "abcde"]
+    gpus = [g for _, g, _ in started]
+    assert gpus[:4] == ["3", "5", "3", "5"]  # the least busy first, in turn
+    assert {t for _, _, t in started} == {"2"}  # 8 cores / 4 jobs
