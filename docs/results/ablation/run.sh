@@ -7,6 +7,10 @@
 # LIMIT bounds the ablate command (a device call lasts at most 10 minutes); what it finished is kept.
 # SMOKE=1: a CPU rehearsal on a tiny budget.
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+# Triton's compiled kernels cost each process minutes on a cold cache (README.md here). They are kept in
+# .triton-cache (ignored by git) and come back as $OUT/triton-cache.tgz when that fits (16 MiB a file), so a later
+# call can unpack them into .triton-cache and carry it. (Added after the calls measured here; not used by them.)
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
 OUT=${OUT:-/tmp/ablation_out}; mkdir -p "$OUT"
 ABL=runs/ablation-gpu
 ARGS=(--set stages.0.steps=30 --set stages.1.steps=30 --set stages.2.steps=300)
@@ -24,4 +28,6 @@ timeout "${LIMIT:-520}" python3 -m omnimamba.cli ablate --config configs/shapes-
 echo "ablate ended after $(( $(date +%s) - T0 )) s"
 # What comes back: the report, every finished run's score and log, the shared tokenizer (to resume elsewhere).
 tar czf "$OUT/ablation.tgz" --exclude="*.pt" --exclude=codes.safetensors --exclude="stage*" --exclude=checkpoints $ABL
+[ -d "$TRITON_CACHE_DIR" ] && tar czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" .
+[ "$(stat -c %s "$OUT/triton-cache.tgz" 2>/dev/null || echo 0)" -le 16000000 ] || rm -f "$OUT/triton-cache.tgz"
 ls -la "$OUT"
