@@ -144,3 +144,29 @@ def test_add_rmsnorm_against_its_formula(residual_in_fp32):
     torch.testing.assert_close(normed.float(), expected, rtol=1e-2, atol=1e-2)
     first, res0 = ref.add_rmsnorm(x, None, w, 1e-5, residual_in_fp32)  # the first layer: no residual yet
     assert torch.equal(res0, x.float() if residual_in_fp32 else x)
+
+
+def test_chunked_scan_gradients_equal_the_recurrences():
+    """Training differentiates the chunked form: its gradients are the step-by-step recurrence's (float64)."""
+    x, dt, A, B, C, D = random_ssd_inputs(2, 29, 4, 3, 2, 5, torch.float64, seed=3)
+    s0 = torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, dt, A, B, C, D, s0)]
+    w_y, w_s = torch.randn(2, 29, 4, 3, dtype=torch.float64), torch.randn(2, 4, 3, 5, dtype=torch.float64)
+
+    def grads(fn):
+        y, s = fn(*leaves)
+        return torch.autograd.grad((y * w_y).sum() + (s * w_s).sum(), leaves)
+
+    def recurrence(x, dt, A, B, C, D, s0):  # the recurrence written out of place, so autograd can follow it
+        Bh, Ch = (t.repeat_interleave(x.size(2) // t.size(2), dim=2) for t in (B, C))
+        state, ys = s0, []
+        for t in range(x.size(1)):
+            state = (state * torch.exp(dt[:, t] * A)[..., None, None]
+                     + torch.einsum("bh,bhp,bhn->bhpn", dt[:, t], x[:, t], Bh[:, t]))
+            ys.append(torch.einsum("bhpn,bhn->bhp", state, Ch[:, t]) + D[:, None] * x[:, t])
+        return torch.stack(ys, 1), state
+
+    chunked = grads(lambda x, dt, A, B, C, D, s0: ref.ssd_chunked(x, dt, A, B, C, 8, D=D, initial_state=s0))
+    steps = grads(recurrence)
+    for got, want in zip(chunked, steps):
+        assert rel_err(got, want) < 1e-10

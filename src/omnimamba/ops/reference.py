@@ -54,46 +54,50 @@ def ssd_chunked(
     x (b, l, h, p); dt (b, l, h) already softplus'ed and biased; A (h,) negative; B, C (b, l, g, n);
     D (h,); initial_state (b, h, p, n). Returns y (b, l, h, p) in x's dtype and the final state
     (b, h, p, n) in float32 (float64 for float64 input).
+
+    Laid out as batched matrix products over (batch, group, head in group, chunk): the r = h / g heads of a
+    group share its B and C, so C·B is formed once per group rather than once per head.
     """
     b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    r = h // g
     cdt = _compute_dtype(x.dtype)
     out_dtype = x.dtype
     x_in = x
     pad = (-l) % chunk_size
     # Padded steps have dt = 0: no decay and no input, so the final state is exact.
     x, dt, B, C = (F.pad(t.to(cdt), (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
-    B = _heads_from_groups(B, h, dim=2)
-    C = _heads_from_groups(C, h, dim=2)
-    nc = x.size(1) // chunk_size
-
-    def chunks(t: Tensor) -> Tensor:
-        return t.reshape(b, nc, chunk_size, *t.shape[2:])
-
-    x, dt, B, C = chunks(x), chunks(dt), chunks(B), chunks(C)
-    xdt = x * dt[..., None]
-    Adt = (dt * A.to(cdt)).permute(0, 3, 1, 2)  # (b, h, c, cs)
+    nc, cs = x.size(1) // chunk_size, chunk_size
+    x = x.view(b, nc, cs, g, r, p).permute(0, 3, 4, 1, 2, 5)  # (b, g, r, c, s, p)
+    dt = dt.view(b, nc, cs, g, r).permute(0, 3, 4, 1, 2)  # (b, g, r, c, s)
+    B = B.view(b, nc, cs, g, n).permute(0, 3, 1, 2, 4).unsqueeze(2)  # (b, g, 1, c, s, n)
+    C = C.view(b, nc, cs, g, n).permute(0, 3, 1, 2, 4).unsqueeze(2)
+    Adt = dt * A.to(cdt).view(g, r, 1, 1)
     A_cum = torch.cumsum(Adt, dim=-1)
+    xdt = x * dt[..., None]
 
-    # 1. within each chunk: the quadratic (attention-like) form.
-    L = torch.exp(_segsum(Adt))  # (b, h, c, cs, cs)
-    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, L, xdt)
+    # 1. within each chunk: the quadratic (attention-like) form, (C·Bᵀ ∘ L) · (x dt).
+    L = torch.exp(_segsum(Adt))  # (b, g, r, c, s, s)
+    y = ((C @ B.transpose(-1, -2)) * L) @ xdt  # (b, g, r, c, s, p)
 
     # 2. the state each chunk contributes at its end.
-    decay_to_end = torch.exp(A_cum[..., -1:] - A_cum)  # (b, h, c, cs)
-    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_to_end, xdt)
+    decay_to_end = torch.exp(A_cum[..., -1:] - A_cum)
+    states = (xdt * decay_to_end[..., None]).transpose(-1, -2) @ B  # (b, g, r, c, p, n)
 
     # 3. pass states across chunk boundaries (a recurrence over nc + 1 chunk states).
     if initial_state is None:
-        initial_state = torch.zeros(b, h, p, B.size(-1), dtype=cdt, device=x.device)
-    states = torch.cat([initial_state.to(cdt)[:, None], states], dim=1)
-    decay_chunk = torch.exp(_segsum(F.pad(A_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
-    states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)
-    states, final_state = states[:, :-1], states[:, -1]
+        init = torch.zeros(b, g, r, 1, p, n, dtype=cdt, device=x.device)
+    else:
+        init = initial_state.to(cdt).view(b, g, r, 1, p, n)
+    states = torch.cat([init, states], dim=3)
+    decay_chunk = torch.exp(_segsum(F.pad(A_cum[..., -1], (1, 0))))  # (b, g, r, c + 1, c + 1)
+    states = (decay_chunk @ states.flatten(-2)).view(b, g, r, nc + 1, p, n)
+    final_state = states[:, :, :, -1].reshape(b, h, p, n)
 
     # 4. the contribution of the state entering each chunk to that chunk's outputs.
-    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, torch.exp(A_cum))
+    y = y + (C @ states[:, :, :, :-1].transpose(-1, -2)) * torch.exp(A_cum)[..., None]
 
-    y = (y_diag + y_off).reshape(b, nc * chunk_size, h, p)[:, :l]
+    y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, nc * cs, h, p)[:, :l]
     if D is not None:
         y = y + D.to(cdt)[:, None] * x_in.to(cdt)
     return y.to(out_dtype), final_state

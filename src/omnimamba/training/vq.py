@@ -34,7 +34,12 @@ def train_vq(vq: VQModel, images_of, n_images: int, steps: int, lr: float, batch
     `record_every` steps (the run's metrics)."""
     from tqdm import tqdm
 
-    vq.to(device).train()
+    # On a CPU the convolutions run faster in NHWC (channels-last) layout: 0.165 -> 0.136 s per step of the
+    # quickstart's tokenizer (batch 8) on this project's 2-core machine; the layout is put back at the end
+    # (safetensors stores contiguous tensors). The same computation (its rounding may differ); GPUs keep their
+    # layout (not measured).
+    layout = torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
+    vq.to(device, memory_format=layout).train()
     vq.requires_grad_(True)
     opt = torch.optim.AdamW(vq.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = np.random.default_rng([seed, 41])
@@ -47,7 +52,7 @@ def train_vq(vq: VQModel, images_of, n_images: int, steps: int, lr: float, batch
         for g in opt.param_groups:  # cosine decay to 10%
             g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / max(1, steps))))
         idx = rng.integers(n_images, size=batch)
-        x = images_to_tensor([images_of(int(i)) for i in idx]).to(device) * 2 - 1
+        x = (images_to_tensor([images_of(int(i)) for i in idx]).to(device) * 2 - 1).contiguous(memory_format=layout)
         rec, codes, q = vq(x)
         recon = reconstruction_loss(rec, x, foreground_weight)
         loss = recon + q["codebook"] + q["commitment"]
@@ -66,7 +71,7 @@ def train_vq(vq: VQModel, images_of, n_images: int, steps: int, lr: float, batch
             bar.set_postfix(recon=f"{history[-1]:.4f}")
             if record is not None:
                 record(step, {"recon_loss": float(np.mean(history[-record_every:]))})
-    vq.eval()
+    vq.to(memory_format=torch.contiguous_format).eval()
     vq.requires_grad_(False)
     return {"steps": steps, "final_recon_loss": float(np.mean(history[-20:])) if history else None}
 
