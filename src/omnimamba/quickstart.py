@@ -17,7 +17,7 @@ from .training.config import config_from_dict
 QUICKSTART = {
     "model": {"preset": "shapes-tiny"},
     # Existence questions half "yes" (one "no" kept of an image's three): without it the CPU model answers every
-    # existence question "no" (POPE F1 0.00; 0.24-0.54 over two runs with it: docs/results/quickstart-cpu/README.md).
+    # existence question "no" (POPE F1 0.00; 0.24-0.83 over three runs with it: docs/results/quickstart-cpu/README.md).
     "data": {"source": "shapes", "shapes": {"seed": 0, "image_size": 64, "train_images": 10000, "max_turns": 4,
                                             "balance_existence": True}},
     # Small batches, many steps: on two cores the tokenizer gains more from updates than from images per update.
