@@ -121,9 +121,10 @@ def test_two_processes_equal_one_process(tmp_path, strategy, micro_batch):
     # Equal up to the order of floating-point sums (gloo's all-reduce vs one batch): a handful of elements
     # differ after two Adam steps of size 5e-3, by ~1e-5 and, where an element's gradient is near zero (Adam
     # divides by the gradient's own size), by up to ~2e-4 (seen on one CPU build of torch); a wrong loss
-    # normalisation moves most elements. Accumulating over micro-batches reorders the sums once more: such
-    # differences in a few tenths of a percent of the elements.
-    _assert_same_training(ddp, single.model.state_dict(), share=1e-3 if not micro_batch else 1e-2)
+    # normalisation moves most elements. Half the batch per process, or micro-batches, also change the order of
+    # the sums inside the scan's batched matrix products: such differences in a few tenths of a percent of the
+    # elements (0.16 % seen with the scan as batched products, under 0.1 % before).
+    _assert_same_training(ddp, single.model.state_dict(), share=1e-2)
 
 
 def _assert_same_training(state, reference, share):
