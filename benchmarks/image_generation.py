@@ -100,7 +100,7 @@ def main() -> None:
                 return {"seconds": total_s, "images_per_s": n / total_s, "codes_seconds": codes_s,
                         "ms_per_step": 1e3 * codes_s / tokens}
 
-            cache = model.allocate_cache(2 * n, ssm_dtype=model.state_dtype_on("cuda"))
+            cache = model.allocate_cache(2 * n)
             roofline = 1e3 * (weights + 2 * cache.nbytes) / bandwidth
             del cache
             record({"system": system, "images": n, "roofline_ms_per_step": roofline}, measure)

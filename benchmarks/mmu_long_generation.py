@@ -113,7 +113,7 @@ def main() -> None:
 
     if any(s.startswith("omnimamba") for s in args.systems):
         model = build_omnimamba()
-        cache = model.allocate_cache(1, ssm_dtype=model.state_dtype_on("cuda"))  # what decoding holds
+        cache = model.allocate_cache(1)  # what decoding holds (its state dtype included)
         # One step reads every layer's weights and the whole text head, and reads + writes the cache.
         step_bytes = gc.param_bytes(model.backbone.layers) + model.lm_head.weight.nbytes + 2 * cache.nbytes
         del cache

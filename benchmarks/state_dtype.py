@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-STATES = {"float32": None, "bfloat16": torch.bfloat16}
+STATES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def machine() -> str:

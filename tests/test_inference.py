@@ -138,6 +138,7 @@ def test_decode_state_dtype_is_bf16_on_a_gpu_and_float32_elsewhere_by_default(mo
         assert model.state_dtype_on("cpu") is torch.bfloat16
         with model._decoder("text", 2, torch.device("cpu"), False) as runner:
             assert runner.cache.ssm.dtype == torch.bfloat16
+        assert model.allocate_cache(2).ssm.dtype == torch.bfloat16  # the servers' caches follow it too
         model.decode_state_dtype = "bf16"
         with pytest.raises(ValueError, match="decode_state_dtype must be 'auto', None or a torch dtype"):
             model.state_dtype_on("cpu")

@@ -242,8 +242,12 @@ class OmniMamba(GenerationMixin, CheckpointMixin, nn.Module):
             raise UserError(f"text token ids must lie in 0..{self.config.text_vocab_size - 1}")
 
     def allocate_cache(self, batch_size: int, device=None, ssm_dtype=None) -> Mamba2Cache:
+        """A decoding cache; its SSM state in `ssm_dtype`, by default the decoding state's dtype on that device
+        (`state_dtype_on`: bf16 on a GPU unless `decode_state_dtype` says otherwise)."""
         p = self.lm_head.weight
-        return Mamba2Cache.empty(self.config.backbone, batch_size, device or p.device, p.dtype, ssm_dtype=ssm_dtype)
+        device = device or p.device
+        return Mamba2Cache.empty(self.config.backbone, batch_size, device, p.dtype,
+                                 ssm_dtype=ssm_dtype or self.state_dtype_on(device))
 
     def forward(self, mmu: MMUBatch | None = None, t2i: T2IBatch | None = None,
                 t2i_drop: Tensor | None = None) -> dict[str, Tensor]:

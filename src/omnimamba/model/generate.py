@@ -92,7 +92,7 @@ class GenerationMixin:
         state_dtype = self.state_dtype_on(device)
 
         def build(use_graph: bool) -> StepRunner:
-            cache = self.allocate_cache(batch_size, device, ssm_dtype=state_dtype)
+            cache = self.allocate_cache(batch_size, device)
             zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
             if kind == "text":
                 def fn(tokens, positions):

@@ -118,7 +118,7 @@ class ContinuousBatcher:
         self.runners: dict[int, StepRunner] = {}  # slots -> the graphed step over that many slots' rows
         self.route = model._route(self.task)
         rows = max_batch * self.width
-        self.cache = model.allocate_cache(rows, self.device, ssm_dtype=model.state_dtype_on(self.device))
+        self.cache = model.allocate_cache(rows, self.device)
         self.hidden = torch.zeros(rows, model.config.backbone.d_model, device=self.device,
                                   dtype=model.lm_head.weight.dtype)
         self.slots: list[_Slot] = []  # slot i holds cache rows [i * width, (i + 1) * width)
@@ -331,7 +331,7 @@ class TextBatcher(ContinuousBatcher):
         x, mask, position = m.mmu_prefill_inputs(pixels, ids.to(self.device), mask.to(self.device))
         for r, p in zip(items, position.tolist()):
             r.position = p  # where the first answer token goes
-        cache = m.allocate_cache(len(items), self.device, ssm_dtype=m.state_dtype_on(self.device))
+        cache = m.allocate_cache(len(items), self.device)
         return cache, m.prefill(x, cache, mask, self.route)
 
     def _sample(self, n: int) -> tuple[Tensor, list[int]]:

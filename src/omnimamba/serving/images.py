@@ -110,7 +110,7 @@ class ImageBatcher(ContinuousBatcher):
                               for k, fill in enumerate((m.special.pad, 0, False)))
         drop = None if rows[0][3] is None else torch.cat([row[3] for row in rows])
         x = m.t2i_prefix_embeddings(ids, mask, caption, drop)
-        cache = m.allocate_cache(2 * len(items), self.device, ssm_dtype=m.state_dtype_on(self.device))
+        cache = m.allocate_cache(2 * len(items), self.device)
         return cache, m.prefill(x, cache, mask, self.route)
 
     def _sample(self, n: int) -> tuple[Tensor, list[int]]:
