@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import sys
 import time
@@ -240,8 +241,6 @@ class Ablation:
 
 
 def _visible_gpus() -> list[str]:
-    import os
-
     import torch
 
     if not torch.cuda.is_available():
@@ -256,9 +255,7 @@ def _run_parallel(todo: list[dict], jobs: int, log) -> dict:
     once, each pinned to the least busy visible GPU (none on a CPU-only machine) and given an equal share of
     the CPU threads. A run that fails is reported with its log; the others go on, and the ablation then stops
     with the list (finished runs keep their score.json, so the same command retries only the failed ones)."""
-    import os
     import subprocess
-    import sys
 
     gpus = _visible_gpus()
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
@@ -280,12 +277,12 @@ def _run_parallel(todo: list[dict], jobs: int, log) -> dict:
             with open(log_path, "w") as f:
                 proc = subprocess.Popen([sys.executable, "-m", "omnimamba.training.ablation", str(spec_path)],
                                         stdout=f, stderr=subprocess.STDOUT, env=env)
-            running.append((proc, spec, gpu, log_path, time.perf_counter()))
+            running.append((proc, spec, gpu, log_path))
             where = f"GPU {gpu}" if gpu is not None else "CPU"
             log(f"started {spec['variant']} seed {spec['seed']} on {where} (log: {log_path})")
         time.sleep(1.0)
         for item in [r for r in running if r[0].poll() is not None]:
-            proc, spec, gpu, log_path, t0 = item
+            proc, spec, gpu, log_path = item
             running.remove(item)
             if gpu is not None:
                 busy[gpu] -= 1

@@ -63,7 +63,6 @@ class Trainer:
         self.mmu_source = self.t2i_source = None
         self.metrics = MetricsLog(self.out, config.run.tensorboard)
         self._sharded_once = False
-        self._kernels_noted = False
 
     # --- set-up -------------------------------------------------------------------------------------
     def _device(self) -> torch.device:
@@ -88,8 +87,7 @@ class Trainer:
             from ..ops import load_backend
 
             try:
-                load_backend(backend)
-                if backend != "reference" and not load_backend(backend).is_available():
+                if not getattr(load_backend(backend), "is_available", lambda: True)():
                     raise ImportError("it needs a CUDA device and flash-linear-attention")
             except ImportError as e:
                 raise UserError(f"run.backend is {backend!r}, which cannot run here ({e}); use auto or "
@@ -269,6 +267,10 @@ class Trainer:
             self._cut_logs(start)
         self.prepare_vq()
         self.prepare_data()
+        if self.device.type == "cuda":
+            cache = os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache")
+            self.log(f"the first steps compile the GPU kernels: minutes on a cold Triton cache, and again for each "
+                     f"new batch shape; later runs reuse {cache}")
         results = {}
         for index, stage in enumerate(self.cfg.stages):
             if only and stage.name not in only:
@@ -303,11 +305,6 @@ class Trainer:
         bar = tqdm(range(first, stage.steps), desc=stage.name, initial=first, total=stage.steps,
                    disable=not (c.run.progress and self.rank == 0))
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        if self.device.type == "cuda" and not self._kernels_noted:
-            self._kernels_noted = True
-            cache = os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache")
-            self.log(f"the first steps compile the GPU kernels: minutes on a cold Triton cache, and again for each "
-                     f"new batch shape; later runs reuse {cache}")
         t0, tokens_since = time.perf_counter(), 0
         for step in bar:
             lr = stage.lr_at(step)
