@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -217,3 +218,57 @@ def test_parallel_runs_are_spread_over_the_visible_gpus(tmp_path, monkeypatch):
     gpus = [g for _, g, _ in started]
     assert gpus[:4] == ["3", "5", "3", "5"]  # the least busy first, in turn
     assert {t for _, _, t in started} == {"2"}  # 8 cores / 4 jobs
+
+
+def test_a_run_out_of_gpu_memory_beside_others_starts_again_when_fewer_share_its_gpu(tmp_path, monkeypatch):
+    """Runs that outgrow a shared GPU are queued again, and that GPU then holds no more at once than the failed
+    run had beside it; a run out of memory alone on its GPU fails like any other."""
+    import subprocess
+
+    import torch
+
+    from omnimamba.training import ablation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(ablation.time, "sleep", lambda s: None)
+    attempts, running, most = {}, set(), []
+
+    class FakeRun:  # "a" runs out of memory the first time; every run ends at its second poll
+        def __init__(self, cmd, stdout, stderr, env):
+            self.spec = json.loads(open(cmd[-1]).read())
+            v = self.spec["variant"]
+            attempts[v] = attempts.get(v, 0) + 1
+            self.oom = v == "a" and (attempts[v] == 1 or self.spec.get("always_oom"))
+            stdout.write("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 MiB.\n" if self.oom else "")
+            running.add(v)
+            most.append(len(running))
+            self.polls, self.returncode = 0, None
+
+        def poll(self):
+            self.polls += 1
+            if self.polls < 2:
+                return None
+            running.discard(self.spec["variant"])
+            if not self.oom:
+                out = Path(self.spec["config"]["run"]["out"])
+                (out / "score.json").write_text(json.dumps({"variant": self.spec["variant"], "seed": 0,
+                                                            "train_s": 1.0, "test_mmu": 0.5}))
+            self.returncode = 1 if self.oom else 0
+            return self.returncode
+
+    monkeypatch.setattr(subprocess, "Popen", FakeRun)
+    lines = []
+    todo = [{"variant": v, "seed": 0, "config": {"run": {"out": str(tmp_path / v)}}} for v in "abcd"]
+    records = ablation._run_parallel(todo, jobs=3, log=lines.append)
+    assert sorted(records) == [(v, 0) for v in "abcd"] and attempts == {"a": 2, "b": 1, "c": 1, "d": 1}
+    assert any("a seed 0: ran out of GPU memory beside 2 other run(s) on GPU 0" in l for l in lines)
+    assert most[:3] == [1, 2, 3] and max(most[3:]) <= 2  # three at once until "a" failed, then at most two
+
+    attempts.clear()
+    alone = [{"variant": "a", "seed": 0, "always_oom": True, "config": {"run": {"out": str(tmp_path / "a1")}}}]
+    (tmp_path / "a1").mkdir()
+    with pytest.raises(UserError, match=r"1 run\(s\) failed: a seed 0"):
+        ablation._run_parallel(alone, jobs=3, log=lines.append)
+    assert attempts == {"a": 1}

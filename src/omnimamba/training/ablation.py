@@ -253,24 +253,27 @@ def _visible_gpus() -> list[str]:
 def _run_parallel(todo: list[dict], jobs: int, log) -> dict:
     """Train and score each spec in its own process (`python -m omnimamba.training.ablation SPEC`), `jobs` at
     once, each pinned to the least busy visible GPU (none on a CPU-only machine) and given an equal share of
-    the CPU threads. A run that fails is reported with its log; the others go on, and the ablation then stops
-    with the list (finished runs keep their score.json, so the same command retries only the failed ones)."""
+    the CPU threads. A run that runs out of GPU memory while others share its GPU is put back in the queue, and
+    that GPU then takes no more runs at once than it held beside it. Any other failure is reported with its log;
+    the others go on, and the ablation then stops with the list (finished runs keep their score.json, so the
+    same command retries only the failed ones)."""
     import subprocess
 
     gpus = _visible_gpus()
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     pending, running, records, failed = list(todo), [], {}, []
     busy = {g: 0 for g in gpus}
+    cap = {g: jobs for g in gpus}  # runs at once per GPU, lowered when one runs out of memory beside others
     started = time.perf_counter()
     while pending or running:
-        while pending and len(running) < jobs:
+        while pending and len(running) < jobs and (not gpus or any(busy[g] < cap[g] for g in gpus)):
             spec = pending.pop(0)
             run_dir = Path(spec["config"]["run"]["out"])
             run_dir.mkdir(parents=True, exist_ok=True)
             spec_path, log_path = run_dir / "ablation_run.json", run_dir / "ablation_run.log"
             spec_path.write_text(json.dumps(spec, indent=1))
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
-            gpu = min(busy, key=busy.get) if busy else None
+            gpu = min((g for g in gpus if busy[g] < cap[g]), key=busy.get) if gpus else None
             if gpu is not None:
                 env["CUDA_VISIBLE_DEVICES"] = gpu
                 busy[gpu] += 1
@@ -286,9 +289,15 @@ def _run_parallel(todo: list[dict], jobs: int, log) -> dict:
             running.remove(item)
             if gpu is not None:
                 busy[gpu] -= 1
-            done = len(todo) - len(pending) - len(running)
-            head = f"[{done}/{len(todo)}, {time.perf_counter() - started:.0f} s] {spec['variant']} seed {spec['seed']}"
+            name, elapsed = f"{spec['variant']} seed {spec['seed']}", time.perf_counter() - started
             score_path = Path(spec["config"]["run"]["out"]) / "score.json"
+            if proc.returncode != 0 and gpu is not None and busy[gpu] > 0 and _out_of_gpu_memory(log_path):
+                cap[gpu] = min(cap[gpu], busy[gpu])
+                pending.insert(0, spec)
+                log(f"[{elapsed:.0f} s] {name}: ran out of GPU memory beside {busy[gpu]} other run(s) on GPU {gpu}; "
+                    f"it starts again when one of them ends (at most {cap[gpu]} at once on that GPU from now on)")
+                continue
+            head = f"[{len(todo) - len(pending) - len(running)}/{len(todo)}, {elapsed:.0f} s] {name}"
             if proc.returncode == 0 and score_path.is_file():
                 rec = read_json(score_path, "ablation score")
                 records[(spec["variant"], spec["seed"])] = rec
@@ -301,6 +310,12 @@ def _run_parallel(todo: list[dict], jobs: int, log) -> dict:
         raise UserError(f"ablate: {len(failed)} run(s) failed: {'; '.join(failed)}. The finished runs are kept; "
                         "the same command retries only the failed ones")
     return records
+
+
+def _out_of_gpu_memory(log_path: Path) -> bool:
+    """Whether a run's log ends in a CUDA allocation failure (PyTorch's, or cuBLAS failing to make a handle)."""
+    tail = log_path.read_text(errors="replace")[-20000:]
+    return "CUDA out of memory" in tail or "CUBLAS_STATUS_ALLOC_FAILED" in tail
 
 
 def _main(argv: list[str]) -> int:

@@ -267,7 +267,7 @@ class Trainer:
             self._cut_logs(start)
         self.prepare_vq()
         self.prepare_data()
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.model.backend != "reference":  # the reference compiles nothing
             cache = os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache")
             self.log(f"the first steps compile the GPU kernels: minutes on a cold Triton cache, and again for each "
                      f"new batch shape; later runs reuse {cache}")
