@@ -129,21 +129,30 @@ def bar_chart(summary: dict, path: Path) -> Path | None:
         return None
     keys = [k for k in METRICS if any(k in s for s in summary.values())]
     variants = list(summary)
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 0.45 * len(variants) + 1.6), sharey=True)
-    axes = [axes] if len(keys) == 1 else list(axes)
-    for ax, key in zip(axes, keys):
+    cols = min(4, len(keys))
+    rows = -(-len(keys) // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(3.4 * cols, rows * (0.45 * len(variants) + 1.4)), sharey=True,
+                             squeeze=False)
+    for ax in grid.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, key in zip(grid.flat, keys):
         for y, v in enumerate(variants):
             s = summary[v].get(key)
             if s is None:
                 continue
-            ax.barh(y, s["mean"], xerr=s["std"], color="C0" if v == "full" else "0.6", capsize=3)
+            colour = "C0" if v == "full" else "0.5"
+            if key in LOWER_IS_BETTER:  # a loss: no natural zero, so a point on an axis fitted to the values
+                ax.errorbar(s["mean"], y, xerr=s["std"], fmt="o", color=colour, capsize=3)
+            else:
+                ax.barh(y, s["mean"], xerr=s["std"], color=colour, capsize=3)
             ax.plot(s["values"], [y] * len(s["values"]), "k.", ms=4)
         ax.set(title=METRICS[key] + (" (lower is better)" if key in LOWER_IS_BETTER else ""))
         if key not in LOWER_IS_BETTER:
             ax.set_xlim(0, 1)
         ax.title.set_fontsize(9)
-    axes[0].set_yticks(range(len(variants)), variants)
-    axes[0].invert_yaxis()
+    for ax in grid[:, 0]:
+        ax.set_yticks(range(len(variants)), variants)
+    grid[0, 0].invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
