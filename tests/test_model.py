@@ -3,6 +3,7 @@ checkpoints, component loading, ablation switches and errors."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from omnimamba.errors import UserError
 from omnimamba.lora import TaskLoRALinear
@@ -233,6 +234,31 @@ def test_ablation_switches():
     assert unified.backbone.embedding.num_embeddings >= unified.config.text_vocab_size + 256
     _, loss = unified.task_forward(t2i_batch(), "t2i")
     assert torch.isfinite(loss)
+
+
+def test_a_unified_vocabulary_trains_over_both_modalities_ids():
+    """Table 4's unified vocabulary: the cross-entropy spans text and image ids together (the model has to learn
+    which modality to emit); the logits returned are the task's own modality's, which sampling uses."""
+    unified = make_model(decoupled_vocab=False).eval()
+    V = unified.config.text_vocab_size
+    seen = []
+    full_head = unified.unified_logits
+    unified.unified_logits = lambda h: seen.append(full_head(h)) or seen[-1]
+    for task, batch in (("t2i", t2i_batch()), ("mmu", mmu_batch())):
+        seen.clear()
+        logits, loss = unified.task_forward(batch, task)
+        (full,) = seen
+        assert full.size(-1) == V + 256
+        if task == "t2i":
+            targets, own = batch.image_codes, full[..., V:]
+            manual = F.cross_entropy(full.flatten(0, 1), (targets + V).flatten())
+        else:
+            targets, own = batch.labels, full[..., :V]
+            manual = F.cross_entropy(full.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        torch.testing.assert_close(logits, own)
+        torch.testing.assert_close(loss, manual)
+        # the other modality's ids take probability too: more loss than over the task's own ids alone
+        assert loss.item() > F.cross_entropy(own.flatten(0, 1), targets.flatten(), ignore_index=-100).item() + 1e-3
 
 
 def test_lora_share_of_the_paper_preset():

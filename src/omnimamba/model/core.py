@@ -12,7 +12,9 @@
     vq                  the LlamaGen VQ tokenizer (frozen): images <-> codes
 
 Ablation switches (Table 4): `decoupled_vocab=False` puts image codes into the text vocabulary (one
-embedding, one head); `task_lora=False` drops the LoRA routes.
+embedding, one head, trained with one cross-entropy over text and image ids, so the model has to learn which
+modality to emit; sampling masks the other modality, the post-processing the paper says such a model needs);
+`task_lora=False` drops the LoRA routes.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ..lora import TaskLoRALinear, add_task_lora, check_task
 from ..mamba2 import Mamba2Cache
 from ..mamba2.model import Mamba2Backbone, init_mamba2_backbone_
 from ..ops import load_backend, resolve_backend_name
-from ..sequence import MMUBatch, SpecialIds, T2IBatch, mmu_prefix_ids
+from ..sequence import IGNORE_INDEX, MMUBatch, SpecialIds, T2IBatch, mmu_prefix_ids
 from ..vision.understanding import FusedMLPProjector, build_understanding_encoder, merge_patches
 from ..vision.vq import VQModel
 from .checkpoint import CheckpointMixin
@@ -105,6 +107,11 @@ class OmniMamba(GenerationMixin, CheckpointMixin, nn.Module):
         start = self.config.text_vocab_size
         return self.lm_head(hidden)[..., start:start + self.config.vq.codebook_size]
 
+    def unified_logits(self, hidden: Tensor) -> Tensor:
+        """Unified-vocabulary ablation: (..., d) -> (..., text_vocab + K) logits over every text and image id,
+        what its training cross-entropy is taken over."""
+        return self.lm_head(hidden)[..., : self.config.text_vocab_size + self.config.vq.codebook_size]
+
     def text_logits(self, hidden: Tensor) -> Tensor:
         """(..., d) -> (..., text_vocab) logits over text tokens only (no padding rows, no image codes)."""
         return self.lm_head(hidden)[..., : self.config.text_vocab_size]
@@ -167,7 +174,10 @@ class OmniMamba(GenerationMixin, CheckpointMixin, nn.Module):
         hidden = self.backbone(x, task=self._route("mmu"))
         T = batch.text_ids.size(1)
         # The hidden state before text token t predicts it: positions -T-1 .. -2.
-        return self._loss(hidden[:, -T - 1:-1], self.text_logits, batch.labels, reduction)
+        if self.config.decoupled_vocab:
+            return self._loss(hidden[:, -T - 1:-1], self.text_logits, batch.labels, reduction)
+        logits, *loss = self._loss(hidden[:, -T - 1:-1], self.unified_logits, batch.labels, reduction)
+        return (None if logits is None else logits[..., :self.config.text_vocab_size], *loss)
 
     # --- T2I ----------------------------------------------------------------------------------------
     def t2i_prefix_embeddings(self, prefix_ids: Tensor, prefix_mask: Tensor, caption_mask: Tensor,
@@ -217,7 +227,12 @@ class OmniMamba(GenerationMixin, CheckpointMixin, nn.Module):
                                                          device=prefix.device)], dim=1)
         hidden = self.backbone(x, mask=mask, task=self._route("t2i"))
         P = batch.prefix_ids.size(1)
-        return self._loss(hidden[:, P - 1:P - 1 + N], self.image_logits, batch.image_codes, reduction)
+        if self.config.decoupled_vocab:
+            return self._loss(hidden[:, P - 1:P - 1 + N], self.image_logits, batch.image_codes, reduction)
+        codes = batch.image_codes
+        targets = torch.where(codes == IGNORE_INDEX, codes, self._image_ids(codes))
+        logits, *loss = self._loss(hidden[:, P - 1:P - 1 + N], self.unified_logits, targets, reduction)
+        return (None if logits is None else logits[..., self.config.text_vocab_size:], *loss)
 
     # --- helpers ------------------------------------------------------------------------------------
     # Tokens per chunk of the output head and cross-entropy in training: 0 applies the head to every position
