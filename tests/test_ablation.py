@@ -180,6 +180,37 @@ def test_split_losses_are_token_weighted_means_over_the_ground_truth():
     assert abs(got["t2i_loss"] - math.log(model.config.vq.codebook_size)) < 1.0
 
 
+def test_split_losses_of_a_unified_vocabulary_are_over_the_ids_sampling_draws_from():
+    """A unified vocabulary trains over both modalities' ids but samples with the other modality masked; its
+    split losses are the masked ones, so they compare with a decoupled model's (and the loss chunk is kept)."""
+    import torch
+    import torch.nn.functional as F
+
+    from omnimamba.data.formats import images_to_tensor
+    from omnimamba.data.shapes import ShapesConfig, ShapesWorld
+    from omnimamba.evaluation.shapes_eval import split_losses
+    from omnimamba.model import OmniMamba, preset
+    from omnimamba.sequence import T2IBatch, t2i_prefix
+    from omnimamba.tokenizer import TextTokenizer
+
+    torch.manual_seed(0)
+    model = OmniMamba(preset("shapes-tiny", decoupled_vocab=False), backend="reference").eval()
+    tok, model.loss_chunk = TextTokenizer.shapes(), 64
+    world = ShapesWorld(ShapesConfig(image_size=model.config.vq.image_size), seed=0)
+    got = split_losses(model, tok, world, "test", n_images=2)
+    assert model.loss_chunk == 64
+    model.loss_chunk = 0
+    samples = [world.sample("test", i) for i in range(2)]
+    codes = model.vq.encode(images_to_tensor([s.image for s in samples]) * 2 - 1)
+    batch = T2IBatch.collate([t2i_prefix(tok, s.captions[0], model.config.max_caption_tokens) for s in samples],
+                             codes, tok.special, [False, False])
+    with torch.no_grad():
+        logits, trained_loss = model.forward_t2i(batch)
+    masked = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
+    assert got["t2i_loss"] == pytest.approx(float(masked), rel=1e-5)
+    assert float(trained_loss) > float(masked) + 1e-3
+
+
 def test_parallel_runs_are_spread_over_the_visible_gpus(tmp_path, monkeypatch):
     """Each run's process sees one GPU, the least busy of those this process may use, and a share of the CPU."""
     import os

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..data.formats import images_to_tensor, picture_grid
 from ..inference import answer, generate_images
-from ..sequence import MMUBatch, T2IBatch, mmu_example, t2i_prefix
+from ..sequence import IGNORE_INDEX, MMUBatch, T2IBatch, mmu_example, t2i_prefix
 from .shapes_scorer import MMURecord, mmu_eval_set, score_mmu, score_t2i, t2i_eval_set
 
 
@@ -44,15 +45,18 @@ def split_losses(model, tokenizer, world, split: str = "test", n_images: int = 5
     """The model's mean negative log-likelihood (nats per target token) of a split's ground truth: the answer
     tokens of every question of the first n_images images (MMU), and the tokenizer's codes of those images
     under their first caption (T2I). Lower is better; unlike sampled scores it carries no sampling noise, so
-    it tells apart models whose scores are still close."""
+    it tells apart models whose scores are still close. The likelihood is the one sampling draws from: over the
+    task's own modality (a unified vocabulary's other modality masked, as when sampling), so vocabularies compare."""
     device = next(model.parameters()).device
-    was_training = model.training
+    was_training, loss_chunk = model.training, model.loss_chunk
     model.eval()
+    model.loss_chunk = 0  # the logits are needed
     samples = [world.sample(split, i) for i in range(n_images)]
     total = {"mmu": [0.0, 0], "t2i": [0.0, 0]}
 
-    def add(task, out):
-        total[task][0] += float(out[1])
+    def add(task, out, targets):
+        logits = out[0].flatten(0, 1).float()
+        total[task][0] += float(F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"))
         total[task][1] += int(out[2])
 
     items = [(i, q) for i, s in enumerate(samples) for q in s.questions]
@@ -61,14 +65,17 @@ def split_losses(model, tokenizer, world, split: str = "test", n_images: int = 5
         batch = MMUBatch.collate(images_to_tensor([samples[i].image for i, _ in chunk]),
                                  [mmu_example(tokenizer, [(q.question, q.answer)]) for _, q in chunk],
                                  tokenizer.special)
-        add("mmu", model.forward_mmu(batch.to(device), reduction="sum"))
+        batch = batch.to(device)
+        add("mmu", model.forward_mmu(batch, reduction="sum"), batch.labels)
     for start in range(0, n_images, batch_size):
         chunk = samples[start:start + batch_size]
         codes = model.vq.encode(images_to_tensor([s.image for s in chunk]).to(device) * 2 - 1)
         prefixes = [t2i_prefix(tokenizer, s.captions[0], model.config.max_caption_tokens) for s in chunk]
         batch = T2IBatch.collate(prefixes, codes.long().cpu(), tokenizer.special, [False] * len(chunk))
-        add("t2i", model.forward_t2i(batch.to(device), reduction="sum"))
+        batch = batch.to(device)
+        add("t2i", model.forward_t2i(batch, reduction="sum"), batch.image_codes)
     model.train(was_training)
+    model.loss_chunk = loss_chunk
     return {f"{task}_loss": s / max(n, 1) for task, (s, n) in total.items()}
 
 
