@@ -5,7 +5,8 @@
 #   SEEDS=2 bash docs/results/ablation/run.sh     # a first device call: the tokenizer and seeds 0-1
 #   SEEDS=3 bash docs/results/ablation/run.sh     # a second: seed 2 (finished runs are reused)
 # LIMIT bounds the ablate command (a device call lasts at most 10 minutes); what it finished is kept.
-# SMOKE=1: a CPU rehearsal on a tiny budget.
+# BACKEND=reference: train and score with the pure-PyTorch kernels (no Triton compilation), into
+# runs/ablation-gpu-reference. EXTRA: more --set options (e.g. "--set run.micro_batch=64"). SMOKE=1: a CPU rehearsal on a tiny budget.
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 # Triton's compiled kernels cost each process minutes on a cold cache (README.md here). They are kept in
 # .triton-cache (ignored by git) and come back as $OUT/triton-cache.tgz when that fits (16 MiB a file), so a later
@@ -14,6 +15,11 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
 OUT=${OUT:-/tmp/ablation_out}; mkdir -p "$OUT"
 ABL=runs/ablation-gpu
 ARGS=(--set stages.0.steps=30 --set stages.1.steps=30 --set stages.2.steps=300)
+if [ -n "$BACKEND" ]; then
+  ABL=runs/ablation-gpu-$BACKEND
+  ARGS+=(--set run.backend=$BACKEND)
+fi
+ARGS+=($EXTRA)
 if [ -n "$SMOKE" ]; then
   ABL=runs/ablation-smoke
   ARGS=(--set model.preset=shapes-tiny --set data.shapes.train_images=64 --set vq_train.steps=3
