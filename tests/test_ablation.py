@@ -176,6 +176,7 @@ def test_split_losses_are_token_weighted_means_over_the_ground_truth():
             t2i_sum += float(model.forward_t2i(batch)[1])
     assert got["mmu_loss"] == pytest.approx(mmu_sum / mmu_n, rel=1e-6)
     assert got["t2i_loss"] == pytest.approx(t2i_sum / 3, rel=1e-6)
+    assert got["mmu_off_modality"] == got["t2i_off_modality"] == 0.0  # decoupled vocabularies emit only their own
     # An untrained model is close to uniform over the codebook: a sanity bound on the scale, not a tolerance.
     assert abs(got["t2i_loss"] - math.log(model.config.vq.codebook_size)) < 1.0
 
@@ -209,6 +210,8 @@ def test_split_losses_of_a_unified_vocabulary_are_over_the_ids_sampling_draws_fr
     masked = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
     assert got["t2i_loss"] == pytest.approx(float(masked), rel=1e-5)
     assert float(trained_loss) > float(masked) + 1e-3
+    # what the masking hides: the mean -log P(image ids), the trained loss less the masked one
+    assert got["t2i_off_modality"] == pytest.approx(float(trained_loss - masked), rel=1e-4)
 
 
 def test_parallel_runs_are_spread_over_the_visible_gpus(tmp_path, monkeypatch):

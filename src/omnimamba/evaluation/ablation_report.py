@@ -18,10 +18,13 @@ METRICS = {
     "heldout_t2i": "T2I held-out (guided)",
     "test_mmu_loss": "MMU loss test",
     "test_t2i_loss": "T2I loss test",
+    # a unified vocabulary's -log P(own modality) per target token: what it has yet to learn of which ids to emit
+    "test_mmu_off_modality": "MMU off-modality nats",
+    "test_t2i_off_modality": "T2I off-modality nats",
 }
 # Losses (nats per target token on the test split's ground truth): lower is better. They carry no sampling
 # noise, so they separate variants whose sampled scores are still within noise of each other.
-LOWER_IS_BETTER = {"test_mmu_loss", "test_t2i_loss"}
+LOWER_IS_BETTER = {"test_mmu_loss", "test_t2i_loss", "test_mmu_off_modality", "test_t2i_off_modality"}
 
 # (claim, [(better variant, worse variant, score), ...]): the paper says the first beats the second on each.
 CLAIMS = [

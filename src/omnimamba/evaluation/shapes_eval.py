@@ -46,18 +46,21 @@ def split_losses(model, tokenizer, world, split: str = "test", n_images: int = 5
     tokens of every question of the first n_images images (MMU), and the tokenizer's codes of those images
     under their first caption (T2I). Lower is better; unlike sampled scores it carries no sampling noise, so
     it tells apart models whose scores are still close. The likelihood is the one sampling draws from: over the
-    task's own modality (a unified vocabulary's other modality masked, as when sampling), so vocabularies compare."""
+    task's own modality (a unified vocabulary's other modality masked, as when sampling), so vocabularies compare.
+    Also `<task>_off_modality`: the mean of -log P(the task's own modality) at those positions, in nats, what a
+    unified vocabulary loses to the other modality's ids before the masking (0 for decoupled vocabularies)."""
     device = next(model.parameters()).device
     was_training, loss_chunk = model.training, model.loss_chunk
     model.eval()
     model.loss_chunk = 0  # the logits are needed
     samples = [world.sample(split, i) for i in range(n_images)]
-    total = {"mmu": [0.0, 0], "t2i": [0.0, 0]}
+    total = {"mmu": [0.0, 0, 0.0], "t2i": [0.0, 0, 0.0]}  # masked loss sum, targets, loss sum as trained
 
     def add(task, out, targets):
         logits = out[0].flatten(0, 1).float()
         total[task][0] += float(F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"))
         total[task][1] += int(out[2])
+        total[task][2] += float(out[1])
 
     items = [(i, q) for i, s in enumerate(samples) for q in s.questions]
     for start in range(0, len(items), batch_size):
@@ -76,7 +79,12 @@ def split_losses(model, tokenizer, world, split: str = "test", n_images: int = 5
         add("t2i", model.forward_t2i(batch, reduction="sum"), batch.image_codes)
     model.train(was_training)
     model.loss_chunk = loss_chunk
-    return {f"{task}_loss": s / max(n, 1) for task, (s, n) in total.items()}
+    out = {}
+    for task, (masked, n, trained) in total.items():
+        out[f"{task}_loss"] = masked / max(n, 1)
+        # the trained loss's per-token log-probabilities are the masked ones plus log P(own modality)
+        out[f"{task}_off_modality"] = 0.0 if model.config.decoupled_vocab else max(trained - masked, 0.0) / max(n, 1)
+    return out
 
 
 def save_evaluation_picture(path: str | Path, generated: list, answered: list, world, split: str,
