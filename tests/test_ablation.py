@@ -126,6 +126,24 @@ def test_ablate_end_to_end_in_parallel_then_in_process_and_resumes(tmp_path, mon
     assert "no finished run under" in capsys.readouterr().err
 
 
+def test_a_record_of_an_older_version_counts_only_where_the_code_did_not_change(tmp_path):
+    """Version-1 records predate the unified vocabulary's training over both modalities' ids: they stand for
+    decoupled-vocabulary runs only; a unified run of that version is no longer finished."""
+    from omnimamba.training.ablation import RECORD_VERSION, Ablation
+
+    out, lines = tmp_path / "abl", []
+    variants = ["full", "unified-lora", "joint", "unified-nolora"]
+    for variant, version in [("full", None), ("unified-lora", None), ("joint", 1), ("unified-nolora", RECORD_VERSION)]:
+        run = out / "runs" / variant / "seed0"
+        run.mkdir(parents=True)
+        rec = {"variant": variant, "seed": 0, "train_s": 1.0, "test_mmu": 0.5}
+        (run / "score.json").write_text(json.dumps(rec if version is None else {**rec, "version": version}))
+    ablation = Ablation(json.loads(json.dumps(BASE)), out, variants, seeds=[0], log=lines.append)
+    assert [r["variant"] for r in ablation.run(train=False)] == ["full", "joint", "unified-nolora"]
+    assert any("unified-lora seed 0" in l and f"(record version 1, now {RECORD_VERSION})" in l for l in lines)
+    assert any("left out: unified-lora seed 0" in l for l in lines)
+
+
 def test_a_failed_parallel_run_is_named_and_the_others_finish(tmp_path):
     from omnimamba.training.ablation import Ablation
 

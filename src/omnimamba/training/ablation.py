@@ -106,12 +106,27 @@ def train_and_score(spec: dict, log=None) -> dict:
     world = trainer.world or shapes_world(cfg)
     scores = score_model(trainer.model.eval(), world, spec["n_images"], spec["n_prompts"], spec["guidance"],
                          spec["temperature"], spec["top_k"])
-    rec = {"variant": spec["variant"], "seed": spec["seed"], "machine": machine(), "train_s": round(train_s, 1),
+    rec = {"variant": spec["variant"], "seed": spec["seed"], "version": RECORD_VERSION, "machine": machine(),
+           "train_s": round(train_s, 1),
            "eval_s": round(time.perf_counter() - start - train_s, 1), **scores}
     path = Path(cfg.run.out) / "score.json"
     with writing(path, "ablation score"):
         path.write_text(json.dumps(rec, indent=1))
     return rec
+
+
+# What a score.json's numbers mean. 2: the unified vocabulary trains over both modalities' ids and the losses are
+# over the ids sampling draws from (b9c7450, d016ec0). A run of an older version is trained again, except where
+# both versions agree: decoupled vocabularies, whose training and losses did not change.
+RECORD_VERSION = 2
+
+
+def still_valid(rec: dict, config: dict) -> bool:
+    """Whether a finished run's record can stand for `config` under this version of the code."""
+    version = rec.get("version", 1)
+    if version == RECORD_VERSION:
+        return True
+    return version == 1 and config.get("model", {}).get("overrides", {}).get("decoupled_vocab", True) is not False
 
 
 def machine() -> str:
@@ -211,10 +226,14 @@ class Ablation:
                 continue
             first[key] = (variant, seed)
             score_path = Path(raw["run"]["out"]) / "score.json"
-            if score_path.is_file():
-                records[(variant, seed)] = read_json(score_path, "ablation score")
+            old = read_json(score_path, "ablation score") if score_path.is_file() else None
+            if old is not None and still_valid(old, raw):
+                records[(variant, seed)] = old
                 self.log(f"{variant} seed {seed}: reusing {score_path}")
             else:
+                if old is not None:
+                    self.log(f"{variant} seed {seed}: {score_path} comes from an older version of ablate (record "
+                             f"version {old.get('version', 1)}, now {RECORD_VERSION}), so it does not count")
                 todo.append({"config": raw, "variant": variant, "seed": seed, **settings})
         if todo and not train:
             self.log("not finished, left out: " + ", ".join(f"{t['variant']} seed {t['seed']}" for t in todo))
