@@ -351,3 +351,30 @@ def test_run_backend_picks_the_kernels_and_refuses_what_cannot_run_here(tmp_path
     with pytest.raises(UserError, match="run.backend is 'fla', which cannot run here .* use auto or reference"):
         Trainer(tiny_config(tmp_path / "fla", stages, backend="fla"), log=quiet)
     assert not (tmp_path / "fla").exists()
+
+
+def test_adamw_is_fused_where_torch_has_the_kernel_and_steps_as_the_loop_does(tmp_path):
+    from omnimamba.training.optim import adamw, fused_possible
+
+    torch.manual_seed(0)
+    params = [torch.randn(7, 5, requires_grad=True), torch.randn(5, requires_grad=True)]
+    twins = [p.detach().clone().requires_grad_(True) for p in params]
+    fused, loop = adamw(params, lr=1e-2, weight_decay=0.1), adamw(twins, lr=1e-2, weight_decay=0.1, fused=False)
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in params]
+        for group, opt in ((params, fused), (twins, loop)):
+            for p, g in zip(group, grads):
+                p.grad = g.clone()
+            opt.step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert not fused_possible([torch.zeros(2, device="meta")]) and not fused_possible([])
+    # the trainer's optimizer follows optim.fused (None: fused where possible)
+    stages = [{"name": "stage1-mmu", "steps": 1, "lr": 0.001, "batch": [2, 0]}]
+    for setting, expected in ((None, True), (False, False)):
+        cfg = config_from_dict({"model": {"preset": "shapes-tiny"}, "data": {"shapes": {"train_images": 8}},
+                                "stages": stages, "optim": {"fused": setting},
+                                "run": {"out": str(tmp_path / str(setting)), "progress": False, "tensorboard": False}})
+        trainer = Trainer(cfg, log=quiet)
+        assert trainer._optimizer(trainer.model).defaults["fused"] is expected

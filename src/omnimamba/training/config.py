@@ -116,6 +116,7 @@ class OptimSection:
     weight_decay: float = 0.0
     eps: float = 1e-8
     grad_clip: float = 1.0
+    fused: bool | None = None    # torch's fused AdamW (one pass over all parameters); None: wherever it has one
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from .checkpoint import load_checkpoint, newest_intact, optimizer_state, save_ch
 from .parallel import shard_fsdp2, wrap_ddp
 from .config import StageConfig, TrainConfig
 from .metrics import MetricsLog
+from .optim import adamw
 from .data import (FileMMU, FileT2I, ShapesMMU, ShapesT2I, cached_codes, mmu_batch, shapes_world, t2i_batch)
 from .stages import apply_freeze_plan, freeze_summary
 from .step import forward_backward, micro_splits, share
@@ -218,7 +219,7 @@ class Trainer:
             if p.requires_grad:
                 (no_decay if any(k in name for k in NO_DECAY) else decay).append(p)
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=1.0, betas=tuple(o.betas), eps=o.eps)
+        return adamw([g for g in groups if g["params"]], lr=1.0, betas=o.betas, eps=o.eps, fused=o.fused)
 
     def _wrap(self, model):
         """The module that runs the forward pass: the model itself, DDP around it (made anew for each stage,

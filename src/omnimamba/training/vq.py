@@ -14,6 +14,7 @@ from ..errors import UserError
 from ..fileio import manifested_folder, read_json, read_safetensors, require_intact
 from ..vision.vq import VQConfig, VQModel
 from ..data.formats import images_to_tensor
+from .optim import adamw
 
 
 def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, foreground_weight: float = 0.0) -> torch.Tensor:
@@ -41,7 +42,7 @@ def train_vq(vq: VQModel, images_of, n_images: int, steps: int, lr: float, batch
     layout = torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
     vq.to(device, memory_format=layout).train()
     vq.requires_grad_(True)
-    opt = torch.optim.AdamW(vq.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = adamw(vq.parameters(), lr=lr, betas=(0.9, 0.95))
     rng = np.random.default_rng([seed, 41])
     gen = torch.Generator().manual_seed(seed)
     history: list[float] = []
