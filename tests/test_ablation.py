@@ -158,6 +158,24 @@ def test_a_failed_parallel_run_is_named_and_the_others_finish(tmp_path):
     assert (out / "runs" / "full" / "seed0" / "score.json").is_file()
 
 
+def test_a_running_runs_progress_is_read_from_its_metrics_log(tmp_path):
+    from omnimamba.training.ablation import _progress
+
+    spec = {"config": {"run": {"out": str(tmp_path)}, "stages": [{"name": "stage1-mmu", "steps": 30},
+                                                                 {"name": "stage2-unified", "steps": 300}]}}
+    assert _progress(spec) == "starting"  # no log yet
+    log = tmp_path / "metrics.jsonl"
+    for records, expected in [([{"stage": "vq-tokenizer", "step": 10}], "starting"),
+                              ([{"stage": "stage1-mmu", "step": 20}], "stage1-mmu step 21/30"),
+                              ([{"stage": "stage1-mmu", "step": 29}, {"stage": "stage2-unified", "step": 120}],
+                               "stage2-unified step 121/300"),
+                              ([{"stage": "stage2-unified", "step": 299}], "scoring")]:
+        log.write_text("".join(json.dumps(r) + "\n" for r in records))
+        assert _progress(spec) == expected
+    log.write_text('{"stage": "stage1-mmu", "step": 9}\n{"stage": "stage1-mmu", "st')  # a line being written
+    assert _progress(spec) == "stage1-mmu step 10/30"
+
+
 def test_split_losses_are_token_weighted_means_over_the_ground_truth():
     import torch
 
@@ -313,8 +331,9 @@ def test_a_run_out_of_gpu_memory_beside_others_starts_again_when_fewer_share_its
     monkeypatch.setattr(subprocess, "Popen", FakeRun)
     lines = []
     todo = [{"variant": v, "seed": 0, "config": {"run": {"out": str(tmp_path / v)}}} for v in "abcd"]
-    records = ablation._run_parallel(todo, jobs=3, log=lines.append)
+    records = ablation._run_parallel(todo, jobs=3, log=lines.append, status_every=0)
     assert sorted(records) == [(v, 0) for v in "abcd"] and attempts == {"a": 2, "b": 1, "c": 1, "d": 1}
+    assert any("a seed 0: starting; b seed 0: starting; c seed 0: starting" in l for l in lines)  # status lines
     assert any("a seed 0: ran out of GPU memory beside 2 other run(s) on GPU 0" in l for l in lines)
     assert most[:3] == [1, 2, 3] and max(most[3:]) <= 2  # three at once until "a" failed, then at most two
 

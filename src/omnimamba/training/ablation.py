@@ -269,13 +269,39 @@ def _visible_gpus() -> list[str]:
     return ids[:torch.cuda.device_count()] or [str(i) for i in range(torch.cuda.device_count())]
 
 
-def _run_parallel(todo: list[dict], jobs: int, log) -> dict:
+def _progress(spec: dict) -> str:
+    """Where a running run is, from the last line of its metrics log: 'stage2-unified step 120/300' (the
+    metrics are written every run.log_every steps), 'scoring' once training is done, 'starting' before."""
+    path = Path(spec["config"]["run"]["out"]) / "metrics.jsonl"
+    try:
+        lines = path.read_text().strip().splitlines()[-2:]
+    except OSError:
+        return "starting"
+    last = None
+    for line in reversed(lines):  # the last line may be half written
+        try:
+            last = json.loads(line)
+            break
+        except ValueError:
+            continue
+    if last is None:
+        return "starting"
+    stages = {st["name"]: st["steps"] for st in spec["config"].get("stages", [])}
+    if last.get("stage") not in stages:  # the tokenizer's records, or none of a stage yet
+        return "starting"
+    names = list(stages)
+    if last["stage"] == names[-1] and last.get("step", 0) + 1 >= stages[names[-1]]:
+        return "scoring"
+    return f"{last['stage']} step {last.get('step', 0) + 1}/{stages[last['stage']]}"
+
+
+def _run_parallel(todo: list[dict], jobs: int, log, status_every: float = 60.0) -> dict:
     """Train and score each spec in its own process (`python -m omnimamba.training.ablation SPEC`), `jobs` at
     once, each pinned to the least busy visible GPU (none on a CPU-only machine) and given an equal share of
     the CPU threads. A run that runs out of GPU memory while others share its GPU is put back in the queue, and
     that GPU then takes no more runs at once than it held beside it. Any other failure is reported with its log;
     the others go on, and the ablation then stops with the list (finished runs keep their score.json, so the
-    same command retries only the failed ones)."""
+    same command retries only the failed ones). Every `status_every` seconds it logs where each running run is."""
     import subprocess
 
     gpus = _visible_gpus()
@@ -283,8 +309,12 @@ def _run_parallel(todo: list[dict], jobs: int, log) -> dict:
     pending, running, records, failed = list(todo), [], {}, []
     busy = {g: 0 for g in gpus}
     cap = {g: jobs for g in gpus}  # runs at once per GPU, lowered when one runs out of memory beside others
-    started = time.perf_counter()
+    started = last_status = time.perf_counter()
     while pending or running:
+        if running and time.perf_counter() - last_status >= status_every:  # a sign of life between ends of runs
+            last_status = time.perf_counter()
+            log(f"[{last_status - started:.0f} s] " + "; ".join(f"{spec['variant']} seed {spec['seed']}: "
+                                                                 f"{_progress(spec)}" for _, spec, _, _ in running))
         while pending and len(running) < jobs and (not gpus or any(busy[g] < cap[g] for g in gpus)):
             spec = pending.pop(0)
             run_dir = Path(spec["config"]["run"]["out"])
