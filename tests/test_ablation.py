@@ -159,7 +159,7 @@ def test_a_failed_parallel_run_is_named_and_the_others_finish(tmp_path):
 
 
 def test_a_running_runs_progress_is_read_from_its_metrics_log(tmp_path):
-    from omnimamba.training.ablation import _progress
+    from omnimamba.training.ablation_pool import _progress
 
     spec = {"config": {"run": {"out": str(tmp_path)}, "stages": [{"name": "stage1-mmu", "steps": 30},
                                                                  {"name": "stage2-unified", "steps": 300}]}}
@@ -257,14 +257,14 @@ def test_parallel_runs_are_spread_over_the_visible_gpus(tmp_path, monkeypatch):
 
     import torch
 
-    from omnimamba.training import ablation
+    from omnimamba.training import ablation_pool as pool
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    assert ablation._visible_gpus() == ["3", "5"]
+    assert pool._visible_gpus() == ["3", "5"]
 
     started = []
 
@@ -281,9 +281,9 @@ def test_parallel_runs_are_spread_over_the_visible_gpus(tmp_path, monkeypatch):
             return self.returncode
 
     monkeypatch.setattr(subprocess, "Popen", FakeRun)
-    monkeypatch.setattr(ablation.time, "sleep", lambda s: None)
+    monkeypatch.setattr(pool.time, "sleep", lambda s: None)
     todo = [{"variant": v, "seed": 0, "config": {"run": {"out": str(tmp_path / v)}}} for v in "abcde"]
-    records = ablation._run_parallel(todo, jobs=4, log=lambda *a: None)
+    records = pool.run_in_processes(todo, jobs=4, log=lambda *a: None, describe=str)
     assert sorted(records) == [(v, 0) for v in "abcde"]
     gpus = [g for _, g, _ in started]
     assert gpus[:4] == ["3", "5", "3", "5"]  # the least busy first, in turn
@@ -297,12 +297,12 @@ def test_a_run_out_of_gpu_memory_beside_others_starts_again_when_fewer_share_its
 
     import torch
 
-    from omnimamba.training import ablation
+    from omnimamba.training import ablation_pool as pool
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(ablation.time, "sleep", lambda s: None)
+    monkeypatch.setattr(pool.time, "sleep", lambda s: None)
     attempts, running, most = {}, set(), []
 
     class FakeRun:  # "a" runs out of memory the first time; every run ends at its second poll
@@ -331,7 +331,7 @@ def test_a_run_out_of_gpu_memory_beside_others_starts_again_when_fewer_share_its
     monkeypatch.setattr(subprocess, "Popen", FakeRun)
     lines = []
     todo = [{"variant": v, "seed": 0, "config": {"run": {"out": str(tmp_path / v)}}} for v in "abcd"]
-    records = ablation._run_parallel(todo, jobs=3, log=lines.append, status_every=0)
+    records = pool.run_in_processes(todo, jobs=3, log=lines.append, describe=str, status_every=0)
     assert sorted(records) == [(v, 0) for v in "abcd"] and attempts == {"a": 2, "b": 1, "c": 1, "d": 1}
     assert any("a seed 0: starting; b seed 0: starting; c seed 0: starting" in l for l in lines)  # status lines
     assert any("a seed 0: ran out of GPU memory beside 2 other run(s) on GPU 0" in l for l in lines)
@@ -341,5 +341,5 @@ def test_a_run_out_of_gpu_memory_beside_others_starts_again_when_fewer_share_its
     alone = [{"variant": "a", "seed": 0, "always_oom": True, "config": {"run": {"out": str(tmp_path / "a1")}}}]
     (tmp_path / "a1").mkdir()
     with pytest.raises(UserError, match=r"1 run\(s\) failed: a seed 0"):
-        ablation._run_parallel(alone, jobs=3, log=lines.append)
+        pool.run_in_processes(alone, jobs=3, log=lines.append, describe=str)
     assert attempts == {"a": 1}
