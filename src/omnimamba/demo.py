@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .mamba2 import Mamba2LM, preset
+from .training.optim import adamw
 
 
 def progressions(n: int, length: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
@@ -24,7 +25,7 @@ def backbone_demo(steps: int = 300, seed: int = 0, progress: bool = True) -> dic
     gen = torch.Generator().manual_seed(seed)
     vocab = 64
     model = Mamba2LM(preset("mamba2-tiny", vocab_size=vocab, pad_vocab_size_multiple=1), backend="auto")
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = adamw(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
     losses = []
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="train mamba2-tiny", disable=not progress)
