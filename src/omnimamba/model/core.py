@@ -176,8 +176,8 @@ class OmniMamba(GenerationMixin, CheckpointMixin, nn.Module):
         # The hidden state before text token t predicts it: positions -T-1 .. -2.
         if self.config.decoupled_vocab:
             return self._loss(hidden[:, -T - 1:-1], self.text_logits, batch.labels, reduction)
-        logits, *loss = self._loss(hidden[:, -T - 1:-1], self.unified_logits, batch.labels, reduction)
-        return (None if logits is None else logits[..., :self.config.text_vocab_size], *loss)
+        return self._loss(hidden[:, -T - 1:-1], self.unified_logits, batch.labels, reduction,
+                          own=slice(0, self.config.text_vocab_size))
 
     # --- T2I ----------------------------------------------------------------------------------------
     def t2i_prefix_embeddings(self, prefix_ids: Tensor, prefix_mask: Tensor, caption_mask: Tensor,
@@ -231,8 +231,8 @@ class OmniMamba(GenerationMixin, CheckpointMixin, nn.Module):
             return self._loss(hidden[:, P - 1:P - 1 + N], self.image_logits, batch.image_codes, reduction)
         codes = batch.image_codes
         targets = torch.where(codes == IGNORE_INDEX, codes, self._image_ids(codes))
-        logits, *loss = self._loss(hidden[:, P - 1:P - 1 + N], self.unified_logits, targets, reduction)
-        return (None if logits is None else logits[..., self.config.text_vocab_size:], *loss)
+        return self._loss(hidden[:, P - 1:P - 1 + N], self.unified_logits, targets, reduction,
+                          own=slice(self.config.text_vocab_size, None))
 
     # --- helpers ------------------------------------------------------------------------------------
     # Tokens per chunk of the output head and cross-entropy in training: 0 applies the head to every position
@@ -241,9 +241,13 @@ class OmniMamba(GenerationMixin, CheckpointMixin, nn.Module):
     # forward then returns no logits). Set by the training config's run.loss_chunk.
     loss_chunk: int = 0
 
-    def _loss(self, hidden: Tensor, head, targets: Tensor, reduction: str) -> tuple[Tensor | None, ...]:
-        """(logits or None, summed loss, target count) for reduction 'sum'; (logits or None, mean loss)."""
+    def _loss(self, hidden: Tensor, head, targets: Tensor, reduction: str,
+              own: slice | None = None) -> tuple[Tensor | None, ...]:
+        """(logits or None, summed loss, target count) for reduction 'sum'; (logits or None, mean loss). `own`:
+        the part of the head's vocabulary the logits returned keep (a unified vocabulary's task modality)."""
         logits, loss, tokens = token_loss(hidden, head, targets, self.loss_chunk)
+        if own is not None and logits is not None:
+            logits = logits[..., own]
         if reduction == "sum":
             return logits, loss, tokens
         return logits, loss / tokens.clamp(min=1)
