@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -27,14 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from omnimamba.training.ablation import machine  # the machine in words, as ablation records it
+
 RESULTS = Path(__file__).resolve().parent / "results"
 STATES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}"
 
 
 def shapes_model(path: str, n_images: int, n_prompts: int, seeds: list[int], guidance: float, temperature: float,
