@@ -11,7 +11,8 @@ Variants (the paper's Table 4 and Section 3.5, and the stage-2 data ratio):
   ratio-A:B           the full model with stage 2's MMU:T2I split of each batch set to A:B (same total batch)
 
 The VQ tokenizer is trained once and shared by every run (and its image-code cache with it), so the runs
-differ only where the variants do. A run whose `score.json` exists is not trained again.
+differ only where the variants do. A run whose `score.json` exists is not trained again (unless an older version of
+the code wrote it and its meaning has changed since: `still_valid`).
 """
 
 from __future__ import annotations
