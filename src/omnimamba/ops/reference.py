@@ -154,18 +154,16 @@ def causal_conv(
     x (b, l, c); weight (c, k); bias (c,); initial_state (b, c, k): the last k inputs seen before x
     (zeros at the start). Returns the activated output (b, l, c) and the new state (b, c, k).
     """
-    k, l = weight.size(-1), x.size(1)
-    # In x's own (b, l, c) layout, as k shifted multiply-adds: on a CPU a fraction of a grouped conv1d's time
-    # over the transposed input, forward and backward, and SiLU's backward meets a gradient of its own layout.
+    k = weight.size(-1)
+    xt = x.transpose(1, 2)  # (b, c, l)
     if initial_state is None:
-        full = F.pad(x, (0, 0, k, 0))  # (b, k + l, c): the k inputs before x are zeros
+        context = F.pad(xt, (k - 1, 0))
     else:
-        full = torch.cat([initial_state.to(x.dtype).transpose(1, 2), x], dim=1)
-    w = weight.to(x.dtype)
-    out = full[:, 1:l + 1] * w[:, 0] if bias is None else torch.addcmul(bias.to(x.dtype), full[:, 1:l + 1], w[:, 0])
-    for j in range(1, k):
-        out = torch.addcmul(out, full[:, 1 + j:l + 1 + j], w[:, j])
-    return F.silu(out), full[:, -k:].transpose(1, 2).contiguous()
+        context = torch.cat([initial_state[..., 1:].to(xt.dtype), xt], dim=-1)
+    bias = bias.to(xt.dtype) if bias is not None else None
+    out = F.conv1d(context, weight[:, None, :].to(xt.dtype), bias, groups=weight.size(0))
+    full = torch.cat([initial_state.to(xt.dtype), xt], dim=-1) if initial_state is not None else F.pad(xt, (k, 0))
+    return F.silu(out).transpose(1, 2), full[..., -k:].contiguous()
 
 
 def conv_step(state: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
