@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 
 from omnimamba.data.shapes import ShapesWorld
-from omnimamba.evaluation.shapes_scorer import (MMURecord, chance_baselines, normalize_answer, parse_image,
-                                                parse_prompt, pope_metrics, score_mmu, score_t2i, t2i_eval_set)
+from omnimamba.data.shapes import PALETTE
+from omnimamba.evaluation.shapes_scorer import (MMURecord, chance_baselines, colours_kept, normalize_answer,
+                                                parse_image, parse_prompt, pope_metrics, score_mmu, score_t2i,
+                                                t2i_eval_set)
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +33,23 @@ def test_parse_image_finds_the_drawn_objects(world):
     assert sorted((d.color, d.shape) for d in found) == sorted((o.color, o.shape) for o in s.objects)
     for o in s.objects:
         assert any(abs(d.cx - o.cx) < 1.5 and abs(d.cy - o.cy) < 1.5 for d in found)
+
+
+def test_colours_kept_counts_each_colour_and_catches_a_swap(world):
+    samples = [world.sample("test", i) for i in range(60)]
+    objects = [s.objects for s in samples]
+    assert colours_kept(objects, [s.image for s in samples]) == {c: 1.0 for c in {o.color for s in samples for o in s.objects}}
+    # paint every yellow pixel orange (the quickstart tokenizer's failure): yellow is lost, nothing else
+    swapped = []
+    for s in samples:
+        image = s.image.copy()
+        image[(image == PALETTE["yellow"]).all(-1)] = PALETTE["orange"]
+        swapped.append(image)
+    kept = colours_kept(objects, swapped)
+    assert kept.pop("yellow") == 0.0 and set(kept.values()) == {1.0}
+    # an object drawn elsewhere does not count
+    blank = [np.full_like(s.image, 232) for s in samples]
+    assert set(colours_kept(objects, blank).values()) == {0.0}
 
 
 def test_parse_prompt_forms():

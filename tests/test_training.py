@@ -11,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from omnimamba.cli import main
+from omnimamba.data.vocabulary import COLORS
 from omnimamba.errors import UserError
 from omnimamba.training.checkpoint import list_checkpoints
 from omnimamba.training.config import config_from_dict
@@ -247,6 +248,7 @@ def test_quickstart_end_to_end_writes_its_report(tmp_path, capsys):
         assert set(report[split]) == {"mmu", "t2i_guided", "t2i_unguided"}
         assert report[split]["t2i_guided"]["n"] == 48
     assert report["baselines"]["t2i_ground_truth"]["overall"] >= 0.99
+    assert set(report["vq_colours_kept"]) <= set(COLORS) and all(0 <= v <= 1 for v in report["vq_colours_kept"].values())
     assert (tmp_path / "quickstart.png").stat().st_size > 0
     assert "chance baselines" in capsys.readouterr().out
 

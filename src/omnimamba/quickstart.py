@@ -39,7 +39,7 @@ def final_report(model, tokenizer, world, out: Path, n_images: int = 100, n_prom
     """Scores on the test and held-out splits (T2I with and without guidance), the baselines, the VQ
     round trip's scorer rate, and a picture."""
     from .evaluation.shapes_eval import evaluate_mmu, evaluate_t2i, save_evaluation_picture
-    from .evaluation.shapes_scorer import chance_baselines, format_baselines, score_t2i, t2i_eval_set
+    from .evaluation.shapes_scorer import chance_baselines, colours_kept, format_baselines, score_t2i, t2i_eval_set
     from .data.formats import images_to_tensor
     from .vision.vq import to_uint8
 
@@ -52,7 +52,9 @@ def final_report(model, tokenizer, world, out: Path, n_images: int = 100, n_prom
         gt = images_to_tensor([world.sample("test", i).image for _, i in prompts]).to(device) * 2 - 1
         arr = to_uint8(model.vq.decode(model.vq.encode(gt)))
     report["vq_round_trip"] = score_t2i(list(arr), [p for p, _ in prompts])
-    log(f"T2I scorer on ground-truth renders after the VQ round trip: {report['vq_round_trip']['overall']:.1%}")
+    report["vq_colours_kept"] = colours_kept([world.sample("test", i).objects for _, i in prompts], list(arr))
+    log(f"T2I scorer on ground-truth renders after the VQ round trip: {report['vq_round_trip']['overall']:.1%}; "
+        f"objects that keep their colour: {', '.join(f'{c} {v:.0%}' for c, v in report['vq_colours_kept'].items())}")
     for split in ("test", "heldout"):
         mmu, answered = evaluate_mmu(model, tokenizer, world, split, n_images)
         t2i_cfg, generated = evaluate_t2i(model, tokenizer, world, split, n_prompts, guidance_scale=guidance,

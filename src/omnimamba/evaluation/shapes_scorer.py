@@ -220,6 +220,19 @@ def score_t2i(images: list[np.ndarray], prompts: list[str]) -> dict:
     return result
 
 
+def colours_kept(originals: list, images: list[np.ndarray]) -> dict[str, float]:
+    """Per colour, the share of drawn objects (`Shape`s of `originals`, one list per image) that the scorer
+    finds again in `images` with their colour, near their centre (within their radius): how faithfully a
+    tokenizer's round trip keeps each colour. A colour that comes back as another one scores 0 there."""
+    kept: dict[str, list[bool]] = {c: [] for c in COLORS}
+    for objects, image in zip(originals, images, strict=True):
+        found = parse_image(image)
+        for o in objects:
+            kept[o.color].append(any(d.color == o.color and np.hypot(d.cx - o.cx, d.cy - o.cy) <= max(o.radius, 2.0)
+                                     for d in found))
+    return {c: float(np.mean(v)) for c, v in kept.items() if v}
+
+
 # --- evaluation sets and chance baselines ------------------------------------------------------------------
 def t2i_eval_set(world: ShapesWorld, split: str, n: int) -> list[tuple[str, int]]:
     """n (prompt, sample index) pairs of `split`, balanced over the four categories, deterministic."""
