@@ -114,8 +114,8 @@ def shapes_config(size: str = "tiny", text_base_vocab_size: int | None = None) -
 
         text_base_vocab_size = TextTokenizer.shapes().base_vocab_size
     # The code dimension: LlamaGen's 8 (l2-normalised) serves the GPU recipe's tokenizer (98.5 % round trip); the
-    # CPU quickstart's, trained on 12 k images, drew red and yellow as orange with it (0 % of those objects kept
-    # their colour) and keeps every colour with 32 (docs/results/quickstart-cpu/tokenizer).
+    # CPU quickstart's, trained on 12 k images, drew yellow objects orange with it in three seeds of three (red ones
+    # too in two) and keeps every colour with 32 (docs/results/quickstart-cpu/tokenizer).
     sizes = {  # d_model, n_layer, d_state, headdim, chunk_size, VQ channels, codebook, code dimension
         "tiny": (128, 4, 32, 32, 16, 8, 256, 32),
         "small": (512, 8, 64, 64, 64, 16, 512, 8),
