@@ -113,21 +113,18 @@ def shapes_config(size: str = "tiny", text_base_vocab_size: int | None = None) -
         from ..tokenizer import TextTokenizer
 
         text_base_vocab_size = TextTokenizer.shapes().base_vocab_size
-    # The code dimension: LlamaGen's 8 (l2-normalised) serves the GPU recipe's tokenizer (98.5 % round trip); the
-    # CPU quickstart's, trained on 12 k images, drew yellow objects orange with it in three seeds of three (red ones
-    # too in two) and keeps every colour with 32 (docs/results/quickstart-cpu/tokenizer).
-    sizes = {  # d_model, n_layer, d_state, headdim, chunk_size, VQ channels, codebook, code dimension
-        "tiny": (128, 4, 32, 32, 16, 8, 256, 32),
-        "small": (512, 8, 64, 64, 64, 16, 512, 8),
+    sizes = {  # d_model, n_layer, d_state, headdim, chunk_size, VQ channels, codebook
+        "tiny": (128, 4, 32, 32, 16, 8, 256),
+        "small": (512, 8, 64, 64, 64, 16, 512),
     }
     if size not in sizes:
         raise UserError(f"unknown Shapes model size {size!r}; sizes are {sorted(sizes)}")
-    d, n, state, headdim, chunk, ch, codes, code_dim = sizes[size]
+    d, n, state, headdim, chunk, ch, codes = sizes[size]
     return OmniMambaConfig(
         backbone=Mamba2Config(d_model=d, n_layer=n, vocab_size=text_base_vocab_size + 6, pad_vocab_size_multiple=8,
                               d_state=state, headdim=headdim, chunk_size=chunk, tie_embeddings=True),
         understanding=UnderstandingConfig(kind="vq-encoder", image_size=64, spatial_merge=2),
-        vq=VQConfig.shapes(ch=ch, codebook_size=codes, codebook_embed_dim=code_dim),
+        vq=VQConfig.shapes(ch=ch, codebook_size=codes),
         text_base_vocab_size=text_base_vocab_size,
         max_caption_tokens=24,
         lora_dropout=0.0,

@@ -64,11 +64,11 @@ class VQConfig:
         return cls()
 
     @classmethod
-    def shapes(cls, ch: int = 8, codebook_size: int = 256, codebook_embed_dim: int = 8) -> "VQConfig":
+    def shapes(cls, ch: int = 8, codebook_size: int = 256) -> "VQConfig":
         """The embedded Shapes world's tokenizer: 64 px images, 4x downsampling -> 16 x 16 = 256 codes per
         image (the paper's count), each code a 4 x 4 pixel patch."""
-        return cls(codebook_size=codebook_size, codebook_embed_dim=codebook_embed_dim, ch=ch, ch_mult=(1, 2, 4),
-                   num_res_blocks=1, z_channels=64, image_size=64, norm_groups=8)
+        return cls(codebook_size=codebook_size, ch=ch, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=64,
+                   image_size=64, norm_groups=8)
 
     def replace(self, **changes) -> "VQConfig":
         return dataclasses.replace(self, **changes)
