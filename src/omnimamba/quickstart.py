@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .training.config import config_from_dict
 
@@ -38,21 +37,14 @@ def final_report(model, tokenizer, world, out: Path, n_images: int = 100, n_prom
                  guidance: float = 3.0, top_k: int = 20, temperature: float = 1.0, log=print) -> dict:
     """Scores on the test and held-out splits (T2I with and without guidance), the baselines, the VQ
     round trip's scorer rate, and a picture."""
-    from .evaluation.shapes_eval import evaluate_mmu, evaluate_t2i, save_evaluation_picture
-    from .evaluation.shapes_scorer import chance_baselines, colours_kept, format_baselines, score_t2i, t2i_eval_set
-    from .data.formats import images_to_tensor
-    from .vision.vq import to_uint8
+    from .evaluation.shapes_eval import evaluate_mmu, evaluate_t2i, save_evaluation_picture, tokenizer_round_trip
+    from .evaluation.shapes_scorer import chance_baselines, format_baselines
 
     model.eval()
     report: dict = {"baselines": chance_baselines(world, "test", n_images)}
     log(format_baselines(report["baselines"]))
-    prompts = t2i_eval_set(world, "test", n_prompts)
-    with torch.no_grad():
-        device = next(model.parameters()).device
-        gt = images_to_tensor([world.sample("test", i).image for _, i in prompts]).to(device) * 2 - 1
-        arr = to_uint8(model.vq.decode(model.vq.encode(gt)))
-    report["vq_round_trip"] = score_t2i(list(arr), [p for p, _ in prompts])
-    report["vq_colours_kept"] = colours_kept([world.sample("test", i).objects for _, i in prompts], list(arr))
+    trip = tokenizer_round_trip(model.vq, world, "test", n_prompts)
+    report["vq_round_trip"], report["vq_colours_kept"] = trip["round_trip"], trip["colours_kept"]
     log(f"T2I scorer on ground-truth renders after the VQ round trip: {report['vq_round_trip']['overall']:.1%}; "
         f"objects that keep their colour: {', '.join(f'{c} {v:.0%}' for c, v in report['vq_colours_kept'].items())}")
     for split in ("test", "heldout"):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..data.formats import images_to_tensor, picture_grid
 from ..inference import answer, generate_images
 from ..sequence import IGNORE_INDEX, MMUBatch, T2IBatch, mmu_example, t2i_prefix
-from .shapes_scorer import MMURecord, mmu_eval_set, score_mmu, score_t2i, t2i_eval_set
+from .shapes_scorer import MMURecord, colours_kept, mmu_eval_set, score_mmu, score_t2i, t2i_eval_set
 
 
 @torch.no_grad()
@@ -28,6 +28,20 @@ def evaluate_mmu(model, tokenizer, world, split: str = "val", n_images: int = 50
             records.append(MMURecord(q.type, q.answer, p, q.pope))
             shown.append((i, q.question, q.answer, p))
     return score_mmu(records), shown
+
+
+@torch.no_grad()
+def tokenizer_round_trip(vq, world, split: str = "test", n_prompts: int = 48) -> dict:
+    """The T2I scorer on `split`'s ground-truth renders after the VQ tokenizer's encode + decode ('round_trip':
+    the ceiling any generated image meets), and per colour the share of drawn objects that keep it."""
+    from ..vision.vq import to_uint8
+
+    prompts = t2i_eval_set(world, split, n_prompts)
+    samples = [world.sample(split, i) for _, i in prompts]
+    device = next(vq.parameters()).device
+    images = list(to_uint8(vq.decode(vq.encode(images_to_tensor([s.image for s in samples]).to(device) * 2 - 1))))
+    return {"round_trip": score_t2i(images, [p for p, _ in prompts]),
+            "colours_kept": colours_kept([s.objects for s in samples], images)}
 
 
 @torch.no_grad()

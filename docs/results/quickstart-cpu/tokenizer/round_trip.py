@@ -4,20 +4,10 @@
 import json
 import sys
 
-import torch
-
-from omnimamba.data.formats import images_to_tensor
 from omnimamba.data.shapes import ShapesWorld
-from omnimamba.evaluation.shapes_scorer import colours_kept, score_t2i, t2i_eval_set
+from omnimamba.evaluation.shapes_eval import tokenizer_round_trip
 from omnimamba.training.vq import load_vq
-from omnimamba.vision.vq import to_uint8
 
 world = ShapesWorld()
-prompts = t2i_eval_set(world, "test", 96)
-samples = [world.sample("test", i) for _, i in prompts]
 for path in sys.argv[1:]:
-    vq = load_vq(path).eval()
-    with torch.no_grad():
-        images = to_uint8(vq.decode(vq.encode(images_to_tensor([s.image for s in samples]) * 2 - 1)))
-    print(json.dumps({"tokenizer": path, "round_trip": score_t2i(list(images), [p for p, _ in prompts]),
-                      "colours_kept": colours_kept([s.objects for s in samples], list(images))}), flush=True)
+    print(json.dumps({"tokenizer": path, **tokenizer_round_trip(load_vq(path).eval(), world, "test", 96)}), flush=True)
