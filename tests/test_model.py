@@ -186,6 +186,24 @@ def test_guided_decoding_equals_guidance_over_the_training_forward():
     assert torch.equal(cfg_logits(cond, uncond, 3.0).argmax(-1), codes)
 
 
+def test_the_null_caption_gets_a_gradient_in_training_even_when_nothing_is_dropped():
+    # Under FSDP2 every process must give every trained parameter a gradient (tests/test_training.py, the
+    # one-process-drops case): with no caption dropped the null caption's gradient is zeros, not None, and the
+    # output is that of the captions themselves.
+    from omnimamba.model.embeddings import CaptionEmbedder
+
+    torch.manual_seed(0)
+    embed = CaptionEmbedder(16, 4)
+    x, mask = torch.randn(2, 6, 16), torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    kept = embed(x, mask, torch.zeros(2, dtype=torch.bool))
+    kept.sum().backward()
+    assert embed.null_caption.grad is not None and not embed.null_caption.grad.any()
+    torch.testing.assert_close(kept, embed(x, mask, None), rtol=0, atol=0)
+    embed.zero_grad()
+    embed(x, mask, torch.tensor([True, False])).sum().backward()
+    assert embed.null_caption.grad.abs().sum() > 0  # a dropped caption trains it
+
+
 def test_image_code_positions_do_not_depend_on_the_caption():
     # The official release's layout: captions right-aligned in max_caption_tokens slots, so code j is always
     # at the same position (its place in the image grid), whatever the caption's length.

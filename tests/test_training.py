@@ -4,6 +4,7 @@ DDP equal to one process, loss going down, and the command line."""
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,9 @@ from omnimamba.training.config import config_from_dict
 from omnimamba.training.loop import Trainer
 
 
-def tiny_config(out, stages, **run):
+def tiny_config(out, stages, overrides=None, **run):
     return config_from_dict({
-        "model": {"preset": "shapes-tiny", "train_understanding": False},
+        "model": {"preset": "shapes-tiny", "train_understanding": False, "overrides": overrides or {}},
         "data": {"shapes": {"train_images": 64}},
         "stages": stages,
         "run": {"out": str(out), "eval_images": 0, "eval_prompts": 0, "progress": False, "log_every": 1,
@@ -85,11 +86,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, out, stages, strategy="ddp", micro_batch=0, ckpt_every=500, resume=False):
+def _ddp_worker(rank, world, port, out, stages, strategy="ddp", micro_batch=0, ckpt_every=500, resume=False,
+                overrides=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    config = tiny_config(out, stages, strategy=strategy, micro_batch=micro_batch, ckpt_every=ckpt_every)
+    config = tiny_config(out, stages, overrides, strategy=strategy, micro_batch=micro_batch, ckpt_every=ckpt_every)
     trainer = Trainer(config, log=quiet)
     trainer.run(resume=resume)
     state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
@@ -126,6 +128,31 @@ def test_two_processes_equal_one_process(tmp_path, strategy, micro_batch):
     # the sums inside the scan's batched matrix products: such differences in a few tenths of a percent of the
     # elements (0.16 % seen with the scan as batched products, under 0.1 % before).
     _assert_same_training(ddp, single.model.state_dict(), share=1e-2)
+
+
+@pytest.mark.slow
+def test_fsdp_trains_when_one_process_alone_drops_a_caption(tmp_path):
+    """At caption_dropout 0.5 step 0 drops the caption of sample 0 (process 0's) and keeps sample 1's (process 1's):
+    the learned null caption is used on one process only. It must still get a gradient (zeros) on the other, or
+    FSDP2's reduce-scatter and the gradient-norm all-reduce differ between the processes (2 GPUs hung at step 1).
+    Two processes must then train as one; a hang fails the test after 4 minutes instead of stalling the suite."""
+    import numpy as np
+
+    drops = [bool(np.random.default_rng([0, 31, i]).random() < 0.5) for i in range(2)]
+    assert drops == [True, False]  # the premise: step 0's T2I samples, one per process
+    stages = [{"name": "stage2-unified", "steps": 2, "lr": 0.005, "batch": [2, 2]}]
+    overrides = {"caption_dropout": 0.5}
+    single = Trainer(tiny_config(tmp_path / "single", stages, overrides), log=quiet)
+    single.run()
+    ctx = mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "fsdp"), stages, "fsdp", 0, 500, False, overrides),
+                   nprocs=2, join=False)
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("two FSDP2 processes hung when only one dropped a caption")
+    _assert_same_training(torch.load(tmp_path / "fsdp" / "final.pt"), single.model.state_dict(), share=1e-2)
 
 
 def _assert_same_training(state, reference, share):

@@ -38,7 +38,11 @@ class CaptionEmbedder(nn.Module):
 
     def forward(self, embeds: Tensor, caption_mask: Tensor, drop: Tensor | None) -> Tensor:
         """embeds (b, P, d); caption_mask (b, P) True on caption tokens; drop (b,) True to drop."""
-        if drop is not None and bool(drop.any()):
+        # In training (drop given) the null caption joins the graph even when no caption is dropped here, so its
+        # gradient is zeros rather than None: under FSDP2 a parameter with a gradient on one process and none on
+        # another desynchronises the processes' collectives (seen: 2 GPUs hung at step 1 when one process's share
+        # of the batch had no dropped caption). Inference (drop None) skips it.
+        if drop is not None and (self.null_caption is not None or bool(drop.any())):
             if self.null_caption is None:
                 from ..errors import UserError
 
