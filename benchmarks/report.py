@@ -129,7 +129,7 @@ def main() -> None:
     sections = (("mmu_long_generation", mmu_section), ("image_generation", image_section),
                 ("training_throughput", training_section), ("training_throughput_loss_chunk", training_section),
                 ("training_throughput_checkpointing", training_section),
-                *((f"training_scaling_{n}", training_section) for n in ("1gpu", "2gpu_ddp", "2gpu_fsdp")))
+                *((f"training_scaling_{n}", training_section) for n in ("1gpu", "2gpu_ddp", "2gpu_fsdp", "2gpu_fsdp_shard_frozen")))
     for name, section in sections:
         path = args.results / f"{name}.json"
         if path.is_file():

@@ -88,8 +88,9 @@ def llama_step_fn(model, bm: int, bt: int, mmu_len: int, t2i_len: int):
     return step, bm * mmu_len + bt * t2i_len
 
 
-def profile_step(step, name: str, options: str, batch: tuple[int, int], rows: int = 30) -> None:
-    """torch.profiler over one step after two warm-up steps: the kernels by total CUDA time."""
+def profile_step(step, name: str, options: str, batch: tuple[int, int], rows: int = 30, write: bool = True) -> None:
+    """torch.profiler over one step after two warm-up steps: the kernels by total CUDA time (written and printed
+    when `write`: under torchrun every process steps, rank 0 writes)."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(2):
@@ -98,6 +99,8 @@ def profile_step(step, name: str, options: str, batch: tuple[int, int], rows: in
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
+    if not write:
+        return
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
     header = (f"# one OmniMamba 1.3B stage-2 step, batch {batch[0]} MMU : {batch[1]} T2I, options: {options}\n"
               f"# python benchmarks/training_throughput.py ... --profile {name}\n")
@@ -115,6 +118,8 @@ def main() -> None:
     ap.add_argument("--loss-chunk", type=int, default=0, help="target positions per head + loss chunk (0: all)")
     ap.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp", help="under torchrun: how the "
                     "model is spread over the processes")
+    ap.add_argument("--fsdp-shard-frozen", action="store_true", help="under FSDP2: shard the frozen vision "
+                    "encoders and VQ with the root too, as the trainer once did (it now keeps them whole per GPU)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the LLaMA rows")
     ap.add_argument("--name", help="results/NAME.json (default: training_throughput, or "
                     "training_throughput_memory_options with a memory option)")
@@ -124,7 +129,9 @@ def main() -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     options = ", ".join([o for o, on in (("checkpointing", args.activation_checkpointing),
                                          (f"loss chunk {args.loss_chunk}", args.loss_chunk),
-                                         (f"{world} GPUs, {args.strategy}", world > 1)) if on]) or "none"
+                                         (f"{world} GPUs, {args.strategy}", world > 1),
+                                         ("frozen modules sharded", world > 1 and args.strategy == "fsdp"
+                                          and args.fsdp_shard_frozen)) if on]) or "none"
     if world > 1:
         import torch.distributed as dist
 
@@ -179,8 +186,15 @@ def main() -> None:
     if world > 1:
         from omnimamba.training.parallel import shard_fsdp2, wrap_ddp
 
-        engine = shard_fsdp2(model) if args.strategy == "fsdp" else wrap_ddp(model, torch.device("cuda"))
-        record("omnimamba", lambda bm, bt: omnimamba_step_fn(model, bm, bt, n_image, engine), [(bm, bt)])
+        if args.strategy == "fsdp":  # as the trainer shards it (training/loop.py, Trainer._wrap)
+            frozen = () if args.fsdp_shard_frozen else (model.vq, model.understanding)
+            engine = shard_fsdp2(model, never_trained=frozen)
+        else:
+            engine = wrap_ddp(model, torch.device("cuda"))
+        fitted = record("omnimamba", lambda bm, bt: omnimamba_step_fn(model, bm, bt, n_image, engine), [(bm, bt)])
+        if args.profile:
+            profile_step(omnimamba_step_fn(model, *fitted, n_image, engine)[0], args.profile, options, fitted,
+                         write=rank == 0)
         torch.distributed.destroy_process_group()
         if rank != 0:
             return

@@ -155,6 +155,24 @@ def test_fsdp_trains_when_one_process_alone_drops_a_caption(tmp_path):
     _assert_same_training(torch.load(tmp_path / "fsdp" / "final.pt"), single.model.state_dict(), share=1e-2)
 
 
+@pytest.mark.slow
+def test_the_two_gpu_equivalence_benchmark_rehearses_on_cpu(tmp_path):
+    """benchmarks/multi_gpu_equivalence.py --smoke: 1 vs 2 processes (DDP, FSDP2) and resuming across process counts
+    through `omnimamba train` under torchrun (gloo, float32): every step's loss and the final weights agree."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "report.json"
+    rc = subprocess.run([sys.executable, "benchmarks/multi_gpu_equivalence.py", "--smoke", "--out", str(tmp_path / "runs"),
+                         "--out-json", str(out)], cwd=Path(__file__).resolve().parents[1], timeout=600).returncode
+    assert rc == 0
+    rows = {r["run"]: r for r in json.loads(out.read_text())["comparisons"]}
+    assert set(rows) == {"one-micro", "ddp", "fsdp", "fsdp-then-one", "one-then-fsdp"}
+    for r in rows.values():
+        assert r["steps_compared"] == r["steps_expected"] > 0
+        assert r["max_rel_loss_diff"] < 1e-5 and r["weights_rel_distance"] < 1e-5, r
+
+
 def _assert_same_training(state, reference, share):
     """Every element within 1e-3 of the reference's, and fewer than `share` of them off by more than 1e-6."""
     mismatched = total = 0

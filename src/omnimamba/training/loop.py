@@ -228,7 +228,8 @@ class Trainer:
             return model
         if self.cfg.run.strategy == "fsdp":
             if not self._sharded_once:
-                shard_fsdp2(model)
+                frozen = (model.vq,) if self.cfg.model.train_understanding else (model.vq, model.understanding)
+                shard_fsdp2(model, never_trained=frozen)
                 self._sharded_once = True
             return model
         return wrap_ddp(model, self.device)
