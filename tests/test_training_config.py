@@ -46,6 +46,7 @@ def test_yaml_file_and_overrides(tmp_path):
     ("optim.lrr=1", r"unknown field\(s\) \['lrr'\]"),
     ("run.precision=fp8", "run.precision"),
     ("stages.0.steps=0", "steps must be >= 1"),
+    ("vq_train.restart=rare", "vq_train.restart must be one of dead, split"),
 ])
 def test_bad_values_fail_before_any_work(override, message):
     with pytest.raises(UserError, match=message):

@@ -92,3 +92,29 @@ def test_training_the_shapes_tokenizer_lowers_its_loss_and_keeps_codes_alive():
     assert len(codes.unique()) >= 16 and not vq.training
     # trained in channels-last layout on the CPU, handed back contiguous (safetensors stores nothing else)
     assert all(p.is_contiguous() for p in vq.parameters())
+
+
+def test_split_restarts_move_rarely_used_codes_onto_the_worst_quantised_latents():
+    from omnimamba.training.vq import restart_codes
+
+    vq = VQModel(VQConfig.shapes(ch=8, codebook_size=4))  # l2-normalised codes of dimension 8
+    table = vq.quantize.embedding.weight
+    with torch.no_grad():
+        table.copy_(torch.eye(8)[:4])
+    # 99 latents on code 0 exactly (no quantisation error) and one far from every code
+    far = torch.nn.functional.normalize(-torch.ones(1, 8), dim=-1)
+    z = torch.cat([torch.eye(8)[:1].repeat(99, 1), far])
+    usage = torch.tensor([99, 1, 0, 300])  # mean 100: codes 1 (rare) and 2 (dead) move, 0 and 3 stay
+    before = table.detach().clone()
+    gen = torch.Generator().manual_seed(0)
+    assert restart_codes(vq, z, usage, gen, mode="split") == 2
+    for k in (1, 2):  # both onto the far latent, the only one the codebook quantises badly
+        assert torch.allclose(table[k], far[0], atol=0.05)
+    torch.testing.assert_close(table[[0, 3]], before[[0, 3]])
+    # "dead" moves only the unused code, onto a latent drawn uniformly (here almost surely one of the 99)
+    with torch.no_grad():
+        table.copy_(before)
+    assert restart_codes(vq, z, usage, torch.Generator().manual_seed(0), mode="dead") == 1
+    torch.testing.assert_close(table[[0, 1, 3]], before[[0, 1, 3]])
+    with pytest.raises(UserError, match="vq_train.restart"):
+        restart_codes(vq, z, usage, gen, mode="rare")

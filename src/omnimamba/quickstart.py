@@ -20,7 +20,7 @@ QUICKSTART = {
     "data": {"source": "shapes", "shapes": {"seed": 0, "image_size": 64, "train_images": 10000, "max_turns": 4,
                                             "balance_existence": True}},
     # Small batches, many steps: on two cores the tokenizer gains more from updates than from images per update.
-    "vq_train": {"steps": 1500, "lr": 0.005, "batch": 8, "foreground_weight": 10.0},
+    "vq_train": {"steps": 1500, "lr": 0.005, "batch": 8, "foreground_weight": 10.0, "restart": "split"},
     # The embedded default has no pretrained Mamba-2 (the paper starts from one), so stage 1, which freezes
     # the backbone, can only warm up the new modules; stage 2, which trains the backbone, does the learning.
     "stages": [

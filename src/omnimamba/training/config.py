@@ -127,6 +127,9 @@ class VQTrainSection:
     lr: float = 2e-3
     batch: int = 32
     foreground_weight: float = 0.0  # extra reconstruction weight on pixels away from the background colour
+    # which codes move every 20 steps: "dead" (unused ones, onto random latents) | "split" (also rarely used
+    # ones, onto the latents the codebook quantises worst); training/vq.py restart_codes
+    restart: str = "dead"
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,7 @@ class TrainConfig:
         if self.run.precision not in ("auto", "bf16", "fp32"):
             raise UserError(f"run.precision must be auto, bf16 or fp32, got {self.run.precision!r}")
         from ..ops import BACKENDS
+        from .vq import RESTART_MODES
 
         if self.run.backend not in ("auto", *BACKENDS):
             raise UserError(f"run.backend must be one of {', '.join(('auto', *BACKENDS))}, got {self.run.backend!r}")
@@ -194,6 +198,8 @@ class TrainConfig:
             raise UserError("optim.grad_clip must be > 0 and optim.weight_decay >= 0")
         if self.vq_train.steps < 0 or self.vq_train.lr <= 0 or self.vq_train.batch < 1:
             raise UserError("vq_train: steps >= 0, lr > 0 and batch >= 1 are required")
+        if self.vq_train.restart not in RESTART_MODES:
+            raise UserError(f"vq_train.restart must be one of {', '.join(RESTART_MODES)}, got {self.vq_train.restart!r}")
         if self.run.eval_temperature < 0 or self.run.eval_top_k < 0:
             raise UserError("run.eval_temperature and run.eval_top_k must be >= 0")
         if self.run.micro_batch < 0:

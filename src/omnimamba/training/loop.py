@@ -139,7 +139,7 @@ class Trainer:
             n = self.cfg.data.shapes.train_images
             r = train_vq(self.model.vq, lambda i: self.world.sample("train", i).image, n, v.steps, v.lr, v.batch,
                          seed=self.cfg.run.seed, device=self.device, progress=self.cfg.run.progress,
-                         foreground_weight=v.foreground_weight,
+                         foreground_weight=v.foreground_weight, restart=v.restart,
                          record=lambda step, rec: self._log_metrics({"stage": VQ_STAGE, "step": step, **rec}, None),
                          record_every=self.cfg.run.log_every)
             save_vq(self.model.vq, vq_dir)

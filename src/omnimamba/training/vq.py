@@ -30,9 +30,10 @@ def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, foreground_weight: f
 
 def train_vq(vq: VQModel, images_of, n_images: int, steps: int, lr: float, batch: int, seed: int = 0,
              device="cpu", progress: bool = True, foreground_weight: float = 0.0,
-             record=None, record_every: int = 10) -> dict:
+             record=None, record_every: int = 10, restart: str = "dead") -> dict:
     """Train `vq` on images_of(i), i < n_images. `record(step, {"recon_loss": ...})` is called every
-    `record_every` steps (the run's metrics)."""
+    `record_every` steps (the run's metrics). `restart` says which codes are moved onto which latents every
+    RESTART_EVERY steps (restart_codes)."""
     from tqdm import tqdm
 
     # On a CPU the convolutions run faster in NHWC (channels-last) layout: 0.165 -> 0.136 s per step of the
@@ -63,7 +64,7 @@ def train_vq(vq: VQModel, images_of, n_images: int, steps: int, lr: float, batch
         opt.step()
         usage += torch.bincount(codes.flatten(), minlength=usage.numel())
         if step % RESTART_EVERY == 0 and step < steps * 0.8:
-            restart_dead_codes(vq, q["z"].detach(), usage, gen, first=step == 0)
+            restart_codes(vq, q["z"].detach(), usage, gen, first=step == 0, mode=restart)
             usage.zero_()
         pending.append(recon.detach())
         if step % record_every == 0 or step == steps - 1:
@@ -80,17 +81,38 @@ def train_vq(vq: VQModel, images_of, n_images: int, steps: int, lr: float, batch
 RESTART_EVERY = 20
 
 
+RESTART_MODES = ("dead", "split")
+
+
 @torch.no_grad()
-def restart_dead_codes(vq: VQModel, z: torch.Tensor, usage: torch.Tensor, gen: torch.Generator,
-                       first: bool = False) -> int:
-    """Move unused codebook vectors onto random current latents (at the first step: all of them, a
-    data-dependent initialisation). Without this a small VQ collapses onto a handful of codes."""
+def restart_codes(vq: VQModel, z: torch.Tensor, usage: torch.Tensor, gen: torch.Generator,
+                  first: bool = False, mode: str = "dead") -> int:
+    """Move codebook vectors onto current latents z (at the first step: all of them onto random latents, a
+    data-dependent initialisation). Without this a small VQ collapses onto a handful of codes.
+
+    mode "dead": the codes unused since the last restart, onto latents drawn uniformly.
+    mode "split": also the codes used less than a tenth as often as the average one, onto latents drawn in
+    proportion to their squared distance from their nearest code (k-means++'s rule), so the freed codes go
+    where the codebook quantises worst (on Shapes: small objects whose colours share a code) rather than to
+    the background that most latents are."""
+    if mode not in RESTART_MODES:
+        raise UserError(f"vq_train.restart must be one of {', '.join(RESTART_MODES)}, got {mode!r}")
     table = vq.quantize.embedding.weight
-    dead = torch.arange(table.size(0)) if first else (usage == 0).nonzero().flatten().cpu()
-    if len(dead):
-        pick = torch.randint(0, z.size(0), (len(dead),), generator=gen)
-        table[dead.to(table.device)] = z[pick.to(z.device)] + 0.01 * torch.randn(len(dead), z.size(1), generator=gen).to(z)
-    return len(dead)
+    if first:
+        moved = torch.arange(table.size(0))
+    elif mode == "split":
+        moved = (usage < 0.1 * usage.sum() / usage.numel()).nonzero().flatten().cpu()
+    else:
+        moved = (usage == 0).nonzero().flatten().cpu()
+    if len(moved):
+        if mode == "split" and not first:
+            e = vq.quantize.codebook()
+            err = torch.cdist(z.float(), e.float()).min(dim=1).values.pow(2).cpu()
+            pick = torch.multinomial(err + 1e-12, len(moved), replacement=True, generator=gen)
+        else:
+            pick = torch.randint(0, z.size(0), (len(moved),), generator=gen)
+        table[moved.to(table.device)] = z[pick.to(z.device)] + 0.01 * torch.randn(len(moved), z.size(1), generator=gen).to(z)
+    return len(moved)
 
 
 def save_vq(vq: VQModel, path: str | Path) -> None:
