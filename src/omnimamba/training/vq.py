@@ -64,8 +64,7 @@ def train_vq(vq: VQModel, images_of, n_images: int, steps: int, lr: float, batch
         opt.step()
         usage += torch.bincount(codes.flatten(), minlength=usage.numel())
         if step % RESTART_EVERY == 0 and step < steps * 0.8:
-            weights = latent_recon_error(rec.detach(), x, codes.shape[-2:]) if restart == "split-recon" else None
-            restart_codes(vq, q["z"].detach(), usage, gen, first=step == 0, mode=restart, weights=weights)
+            restart_codes(vq, q["z"].detach(), usage, gen, first=step == 0, mode=restart)
             usage.zero_()
         pending.append(recon.detach())
         if step % record_every == 0 or step == steps - 1:
@@ -82,19 +81,12 @@ def train_vq(vq: VQModel, images_of, n_images: int, steps: int, lr: float, batch
 RESTART_EVERY = 20
 
 
-RESTART_MODES = ("dead", "split", "split-recon")
-
-
-def latent_recon_error(rec: torch.Tensor, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Each latent's share of the reconstruction error: the squared pixel error summed over channels, averaged
-    over the pixels of its cell in the (h, w) grid; flat in the quantiser's (b, h, w) order."""
-    pix = (rec.float() - x.float()).pow(2).sum(1, keepdim=True)
-    return torch.nn.functional.adaptive_avg_pool2d(pix, grid).flatten()
+RESTART_MODES = ("dead", "split")
 
 
 @torch.no_grad()
 def restart_codes(vq: VQModel, z: torch.Tensor, usage: torch.Tensor, gen: torch.Generator,
-                  first: bool = False, mode: str = "dead", weights: torch.Tensor | None = None) -> int:
+                  first: bool = False, mode: str = "dead") -> int:
     """Move codebook vectors onto current latents z (at the first step: all of them onto random latents, a
     data-dependent initialisation). Without this a small VQ collapses onto a handful of codes.
 
@@ -102,15 +94,14 @@ def restart_codes(vq: VQModel, z: torch.Tensor, usage: torch.Tensor, gen: torch.
     mode "split": also the codes used less than a tenth as often as the average one, onto latents drawn in
     proportion to their squared distance from their nearest code (k-means++'s rule), so the freed codes go
     where the codebook quantises worst (on Shapes: small objects whose colours share a code) rather than to
-    the background that most latents are.
-    mode "split-recon": as "split", the latents drawn in proportion to `weights` (latent_recon_error: how badly
-    the decoder draws each latent's cell) instead of their distance to the codebook."""
+    the background that most latents are. (Drawing them by the decoder's pixel error instead, 3394a6f, did no
+    better: docs/results/quickstart-cpu/tokenizer.)"""
     if mode not in RESTART_MODES:
         raise UserError(f"vq_train.restart must be one of {', '.join(RESTART_MODES)}, got {mode!r}")
     table = vq.quantize.embedding.weight
     if first:
         moved = torch.arange(table.size(0))
-    elif mode in ("split", "split-recon"):
+    elif mode == "split":
         moved = (usage < 0.1 * usage.sum() / usage.numel()).nonzero().flatten().cpu()
     else:
         moved = (usage == 0).nonzero().flatten().cpu()
@@ -118,10 +109,7 @@ def restart_codes(vq: VQModel, z: torch.Tensor, usage: torch.Tensor, gen: torch.
         if first or mode == "dead":
             pick = torch.randint(0, z.size(0), (len(moved),), generator=gen)
         else:
-            if mode == "split-recon":
-                err = weights.float().cpu()
-            else:
-                err = torch.cdist(z.float(), vq.quantize.codebook().float()).min(dim=1).values.pow(2).cpu()
+            err = torch.cdist(z.float(), vq.quantize.codebook().float()).min(dim=1).values.pow(2).cpu()
             pick = torch.multinomial(err + 1e-12, len(moved), replacement=True, generator=gen)
         table[moved.to(table.device)] = z[pick.to(z.device)] + 0.01 * torch.randn(len(moved), z.size(1), generator=gen).to(z)
     return len(moved)

@@ -14,7 +14,6 @@ declare -A VARIANTS=(
   [dim8-codes256-batch16]="codebook_embed_dim=8 codebook_size=256 vq_train.batch=16"
   [dim8-codes256-split]="codebook_embed_dim=8 codebook_size=256 vq_train.restart=split"
   [dim8-codes256-split-batch16]="codebook_embed_dim=8 codebook_size=256 vq_train.restart=split vq_train.batch=16"
-  [dim8-codes256-split-recon]="codebook_embed_dim=8 codebook_size=256 vq_train.restart=split-recon"
 )
 for seed in ${SEEDS:-0}; do
   for name in ${NAMES:-dim8-codes256 dim8-codes1024 dim32-codes256 dim32-codes1024}; do
