@@ -43,13 +43,14 @@ def base_config(a) -> dict:
     }
 
 
-def train(a, name: str, procs: int = 1, resume: bool = False, **sets) -> dict:
-    """One `omnimamba train` run into <out>/<name>; returns its wall time and log's tail on failure."""
+def train(a, name: str, procs: int = 1, resume: bool = False, config: str = "config.yaml", **sets) -> dict:
+    """One `omnimamba train` run of <out>/<config> into <out>/<name>, its output in <out>/<name>.log; returns its
+    exit status and wall time (and prints the log's tail on failure)."""
     out = a.out / name
     # torchrun, as this interpreter's module (no PATH lookup)
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
             "--master-port", str(29500 + sum(map(ord, name)) % 400)]
-           if procs > 1 else [sys.executable]) + ["-m", "omnimamba.cli", "train", "--config", str(a.out / "config.yaml"),
+           if procs > 1 else [sys.executable]) + ["-m", "omnimamba.cli", "train", "--config", str(a.out / config),
                                                   "--set", f"run.out={out}"]
     for k, v in sets.items():
         cmd += ["--set", f"{k.replace('__', '.')}={v}"]
@@ -131,9 +132,8 @@ def main() -> int:
     prep["vq_train"] = {"steps": 20, "lr": 3e-3, "batch": 8}
     prep["stages"][0].update(steps=1, batch=[2, 2])
     (a.out / "prep.yaml").write_text(yaml.safe_dump(prep))
-    subprocess.run([sys.executable, "-m", "omnimamba.cli", "train", "--config", str(a.out / "prep.yaml"),
-                    "--set", f"run.out={a.out / 'prep'}"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
-                   env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{os.environ.get('PYTHONPATH', '')}"})
+    if train(a, "prep", config="prep.yaml")["rc"]:
+        raise SystemExit(f"preparing the tokenizer and code cache failed: {a.out / 'prep.log'}")
     cfg["model"]["vq"] = str((a.out / "prep" / "vq").resolve())
     cfg["data"]["codes_cache"] = str((a.out / "prep" / "codes.safetensors").resolve())
     (a.out / "config.yaml").write_text(yaml.safe_dump(cfg))

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import gpu_common as gc
 from omnimamba.model import OmniMamba, preset
 from omnimamba.sequence import IGNORE_INDEX, MMUBatch, T2IBatch
-from omnimamba.training.stages import apply_freeze_plan
+from omnimamba.training.stages import apply_freeze_plan, never_trained
 
 COLUMNS = ["system", "options", "mmu_batch", "t2i_batch", "tokens_per_step", "step_s", "tokens_per_s", "peak_GiB",
            "note"]
@@ -187,7 +187,7 @@ def main() -> None:
         from omnimamba.training.parallel import shard_fsdp2, wrap_ddp
 
         if args.strategy == "fsdp":  # as the trainer shards it (training/loop.py, Trainer._wrap)
-            frozen = () if args.fsdp_shard_frozen else (model.vq, model.understanding)
+            frozen = () if args.fsdp_shard_frozen else never_trained(model)
             engine = shard_fsdp2(model, never_trained=frozen)
         else:
             engine = wrap_ddp(model, torch.device("cuda"))

@@ -23,7 +23,7 @@ from .config import StageConfig, TrainConfig
 from .metrics import MetricsLog
 from .optim import adamw
 from .data import (FileMMU, FileT2I, ShapesMMU, ShapesT2I, cached_codes, mmu_batch, shapes_world, t2i_batch)
-from .stages import apply_freeze_plan, freeze_summary
+from .stages import apply_freeze_plan, freeze_summary, never_trained
 from .step import forward_backward, micro_splits, share
 from ..evaluation.curves import VQ_STAGE
 from .vq import load_vq, save_vq, train_vq
@@ -228,8 +228,7 @@ class Trainer:
             return model
         if self.cfg.run.strategy == "fsdp":
             if not self._sharded_once:
-                frozen = (model.vq,) if self.cfg.model.train_understanding else (model.vq, model.understanding)
-                shard_fsdp2(model, never_trained=frozen)
+                shard_fsdp2(model, never_trained=never_trained(model, self.cfg.model.train_understanding))
                 self._sharded_once = True
             return model
         return wrap_ddp(model, self.device)

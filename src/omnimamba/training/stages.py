@@ -19,6 +19,12 @@ def _lora_params(model, task: str):
             yield p
 
 
+def never_trained(model: nn.Module, train_understanding: bool = False) -> tuple[nn.Module, ...]:
+    """The modules no stage trains (apply_freeze_plan): the VQ tokenizer, and the understanding encoder unless
+    `train_understanding`."""
+    return (model.vq,) if train_understanding else (model.vq, model.understanding)
+
+
 def apply_freeze_plan(model: nn.Module, stage: str, train_understanding: bool = False) -> None:
     """Set requires_grad for `stage`. `train_understanding` unfreezes the understanding encoder, for
     encoders that have no pretrained weights (the embedded default's tiny encoder)."""
