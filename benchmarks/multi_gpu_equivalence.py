@@ -150,7 +150,8 @@ def main() -> int:
     if a.fp32:
         runs["one-fp32"] = train(a, "one-fp32", run__precision="fp32")
         runs["ddp-fp32"] = train(a, "ddp-fp32", 2, run__strategy="ddp", run__precision="fp32")
-        rows.append(compare(a, "ddp-fp32", "one-fp32"))
+        runs["fsdp-fp32"] = train(a, "fsdp-fp32", 2, run__strategy="fsdp", run__precision="fp32")
+        rows += [compare(a, "ddp-fp32", "one-fp32"), compare(a, "fsdp-fp32", "one-fp32")]
 
     import torch
 
