@@ -1,7 +1,8 @@
 """Where one decode step of the 1.3B preset spends its time: the graphed step's replay time with the LoRA
-route run as two extra GEMMs, the same with it merged into in_proj (the GEMM count generation has, since it
-runs merged copies), and the eager step's kernels (LoRA unmerged) by name (CUDA time per step) from the
-PyTorch profiler. Random weights, bf16, batch sizes from --batch.
+route run as two extra GEMMs (unfused), with it merged into in_proj (the GEMM count generation has, since it
+runs merged copies) unfused and fused (ops/fused_step.py), and both merged steps' kernels by name (CUDA time
+per step, eager) from the PyTorch profiler. Random weights, bf16, batch sizes from --batch; the step times go
+to benchmarks/results/profile_decode.json.
 
     python benchmarks/profile_decode.py [--batch 1 32] [--top 15]
 """
@@ -58,38 +59,54 @@ def main() -> None:
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     model = build_omnimamba()
     c = model.config.backbone
+    rows = []
     for b in args.batch:
         print(f"in_proj as one GEMM at batch {b}: {gemv_bandwidth(c.d_in_proj, c.d_model, b) / 1e12:.2f} TB/s; "
               f"out_proj: {gemv_bandwidth(c.d_model, c.d_inner, b) / 1e12:.2f} TB/s")
         tokens = torch.zeros(b, dtype=torch.long, device="cuda")
-        for kind, inputs in (("text", (tokens, tokens)), ("image", (tokens, tokens))):
+        model.backbone.fused_decode = False
+        for kind in ("text", "image"):
             runner = model._step_runner(kind, b, torch.device("cuda"), True)
-            print(f"batch {b} {kind} step, graphed, LoRA route as two extra GEMMs: {replay_ms(runner, inputs):.3f} ms")
-        model.merge_lora("mmu")
-        runner = model._step_runner("text", b, torch.device("cuda"), True)
+            ms = replay_ms(runner, (tokens, tokens))
+            rows.append({"batch": b, "step": f"{kind}, unfused, LoRA route as two extra GEMMs", "ms": ms})
         # generation runs in_proj on merged copies (decode_with_merged_lora): the same GEMM count as this
-        print(f"batch {b} text step, graphed, LoRA merged: {replay_ms(runner, (tokens, tokens)):.3f} ms")
+        model.merge_lora("mmu")
+        for fused in (False, True):
+            model.backbone.fused_decode = fused
+            runner = model._step_runner("text", b, torch.device("cuda"), True)
+            ms = replay_ms(runner, (tokens, tokens))
+            rows.append({"batch": b, "step": f"text, {'fused' if fused else 'unfused'}, LoRA merged", "ms": ms})
+        for row in rows[-4:]:
+            print(f"batch {b} {row['step']}, graphed: {row['ms']:.3f} ms")
+        for fused in (False, True):
+            model.backbone.fused_decode = fused
+            print(f"batch {b} eager text step, {'fused' if fused else 'unfused'}, LoRA merged:")
+            kernel_table(model, b, tokens, args.top)
         model.unmerge_lora()
+        model.backbone.fused_decode = True
+    gc.write_json("profile_decode", {"device": gc.device_info(), "copy_bandwidth_TBps": bw / 1e12, "rows": rows})
 
-        eager = model._step_runner("text", b, torch.device("cuda"), False)
-        for _ in range(3):
+
+def kernel_table(model, b: int, tokens, top: int) -> None:
+    """The eager step's CUDA kernels by name, time per step (PyTorch profiler)."""
+    eager = model._step_runner("text", b, torch.device("cuda"), False)
+    for _ in range(3):
+        eager(tokens, tokens)
+    steps = 5
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
             eager(tokens, tokens)
-        steps = 5
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                eager(tokens, tokens)
-            torch.cuda.synchronize()
-        per_name = defaultdict(lambda: [0.0, 0])
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                per_name[e.name][0] += e.device_time / steps / 1e3
-                per_name[e.name][1] += 1
-        total = sum(v[0] for v in per_name.values())
-        launches = sum(v[1] for v in per_name.values()) // steps
-        print(f"batch {b} eager text step: {launches} kernels, {total:.3f} ms of kernel time")
-        for name, (ms, count) in sorted(per_name.items(), key=lambda kv: -kv[1][0])[: args.top]:
-            print(f"  {ms:8.3f} ms  {count // steps:4d}x  {name[:110]}")
-
+        torch.cuda.synchronize()
+    per_name = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_name[e.name][0] += e.device_time / steps / 1e3
+            per_name[e.name][1] += 1
+    total = sum(v[0] for v in per_name.values())
+    launches = sum(v[1] for v in per_name.values()) // steps
+    print(f"  {launches} kernels, {total:.3f} ms of kernel time")
+    for name, (ms, count) in sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"  {ms:8.3f} ms  {count // steps:4d}x  {name[:110]}")
 
 if __name__ == "__main__":
     main()

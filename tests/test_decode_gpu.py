@@ -91,6 +91,34 @@ def test_bf16_fast_path_adds_no_error_beyond_bf16_rounding():
     assert err_fast < 2e-2 and err_fast < 1.25 * err_ref, (err_fast, err_ref)
 
 
+@pytest.mark.parametrize("batch", [1, 3, 8, 20, 70])  # GEMV path up to 8 rows; 70 rows: two 64-row tiles
+def test_fused_step_matches_the_unfused_step_float32(batch):
+    from helpers.fused_step_parity import compare
+
+    errors = compare(batch, torch.float32, "cuda")
+    assert errors["out"] < 1e-5 * errors["out_scale"], errors
+    assert errors["conv"] < 1e-5 and errors["ssm"] < 1e-6, errors
+
+
+@torch.no_grad()
+def test_decode_takes_the_fused_step_and_it_matches_the_unfused_one_in_bf16():
+    """The bf16 model's teacher-forced logits, fused and unfused, each against float32 truth."""
+    pixels, prompt = mmu_inputs(2)
+    tokens = torch.randint(0, TOK.base_vocab_size, (2, 48)).cuda()
+    truth = teacher_forced_logits(model_on("reference"), pixels, prompt, tokens, False)
+    model = model_on("fla", torch.bfloat16)
+    with model._merged_route("mmu"):
+        assert model.backbone._fused_weights("mmu") is not None  # generation's merged route takes it
+    assert model.backbone._fused_weights("mmu") is None  # unmerged LoRA: three GEMMs, the unfused step
+    errs = {}
+    for fused in (True, False):
+        model.backbone.fused_decode = fused
+        model._runners.clear()
+        logits = teacher_forced_logits(model, pixels.bfloat16(), prompt, tokens, True)
+        errs[fused] = rel(logits[truth.isfinite()], truth[truth.isfinite()])
+    assert errs[True] < 2e-2 and errs[True] < 1.25 * errs[False], errs
+
+
 @torch.no_grad()
 def test_stepped_decode_matches_the_chunked_forward():
     """Decoding token by token (graphed) gives the logits a whole-sequence forward gives."""

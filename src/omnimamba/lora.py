@@ -78,6 +78,13 @@ class TaskLoRALinear(nn.Linear):
             buffer.copy_(merged)
         return self.decode_weights[task]
 
+    def route_weight(self, task: str | None) -> Tensor | None:
+        """The one matrix `forward(x, task)` multiplies by (the weight, or a merged decode copy), or None where
+        the route runs as extra LoRA GEMMs (or cannot run). Fused decode kernels take it."""
+        if self.merged_task is None and task in self.decode_active:
+            return self.decode_weights[task]
+        return self.weight if task is None or task == self.merged_task else None
+
     def forward(self, x: Tensor, task: str | None = None) -> Tensor:
         if self.merged_task is None and task in self.decode_active:
             return F.linear(x, self.decode_weights[task], self.bias)

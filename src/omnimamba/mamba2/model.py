@@ -153,6 +153,9 @@ class Mamba2Backbone(nn.Module):
     # Activation checkpointing per block in training: keep each block's input only and recompute the block in
     # the backward (memory: one block's activations instead of every block's, for about a third more compute).
     gradient_checkpointing: bool = False
+    # Decode steps without gradients run each block as four fused kernels (ops/fused_step.py) where the backend
+    # offers them and the layer fits; False keeps the unfused step (its spec) everywhere.
+    fused_decode: bool = True
 
     def __init__(self, config: Mamba2Config, kernels: ModuleType):
         super().__init__()
@@ -184,11 +187,39 @@ class Mamba2Backbone(nn.Module):
 
     def step(self, inputs_embeds: Tensor, cache: Mamba2Cache, task: str | None = None) -> Tensor:
         """inputs_embeds (b, d_model) -> final hidden state (b, d_model); advances the cache by one."""
+        weights = self._fused_weights(task) if self.fused_decode and not torch.is_grad_enabled() else None
+        if weights is not None:
+            return self._fused_step(inputs_embeds, cache, weights)
         hidden, residual = inputs_embeds, None
         for layer in self.layers:
             hidden, residual = layer.step(hidden, residual, cache, task=task)
         cache.seqlen_offset += 1
         return self._final_norm(hidden, residual)
+
+    def _fused_weights(self, task: str | None) -> list[Tensor] | None:
+        """Each layer's in_proj weight for `task` when every layer can take the fused step, else None."""
+        if not getattr(self.layers[0].mixer.kernels, "FUSED_DECODE", False) or not self.config.residual_in_fp32:
+            return None
+        from ..ops import fused_step
+
+        weights = []
+        for layer in self.layers:
+            m = layer.mixer
+            route_weight = getattr(m.in_proj, "route_weight", None)
+            w = route_weight(task) if route_weight is not None else m.in_proj.weight if task is None else None
+            biases = m.in_proj.bias is not None or m.out_proj.bias is not None
+            if w is None or not fused_step.supports(self.config, w, m.out_proj.weight, biases):
+                return None
+            weights.append(w)
+        return weights
+
+    def _fused_step(self, inputs_embeds: Tensor, cache: Mamba2Cache, weights: list[Tensor]) -> Tensor:
+        from ..ops.fused_step import decode_step
+
+        out = decode_step(self.layers, weights, inputs_embeds, cache.conv, cache.ssm, self.norm_f.weight,
+                          self.norm_f.eps)
+        cache.seqlen_offset += 1
+        return out
 
     def _final_norm(self, hidden: Tensor, residual: Tensor) -> Tensor:
         kernels = self.layers[0].mixer.kernels

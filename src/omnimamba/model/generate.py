@@ -110,7 +110,7 @@ class GenerationMixin:
         if graph:
             w = self.lm_head.weight
             key = (kind, batch_size, route, w.device, w.dtype, w.data_ptr(), self.decode_with_merged_lora,
-                   state_dtype)
+                   state_dtype, self.backbone.fused_decode)
             runner = self._runners.get(key, lambda: build(True))
             if not runner.in_use:
                 runner.cache.reset()

@@ -22,6 +22,10 @@ from . import reference
 from .reference import ssd_step  # noqa: F401
 
 
+# Decode steps may run each block as ops/fused_step.py's four kernels (Mamba2Backbone.step checks this flag).
+FUSED_DECODE = True
+
+
 def is_available() -> bool:
     if not torch.cuda.is_available():
         return False

@@ -7,7 +7,8 @@ Per (batch row, head, block of head channels) one program reads that slice of th
     y     = state · C + D * x
 
 and writes the state back in place, so a step moves each state byte twice (read, write) and nothing else
-of size. The update is computed in float32 whatever the state's storage dtype; x, B, C are read straight
+of size. With GATE (ops/fused_step.py) it also multiplies y by SiLU(z) and writes the sum of squares of its
+block of y, for the gated RMSNorm that the fused out_proj applies. The update is computed in float32 whatever the state's storage dtype; x, B, C are read straight
 from the conv output through their strides.
 """
 
@@ -37,7 +38,9 @@ def _ssd_decode_kernel(
     stride_bc_b, stride_bc_g,
     stride_y_b, stride_y_h,
     nheads, heads_per_group, headdim, dstate, dt_min, dt_max,
-    HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    z, stride_z_b, sumsq, stride_ss_b,
+    HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, GATE: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_p = tl.program_id(1)
@@ -72,6 +75,10 @@ def _ssd_decode_kernel(
     out = tl.sum(s * Cv[None, :], axis=1)
     if HAS_D:
         out += tl.load(D + h).to(tl.float32) * xv
+    if GATE:  # fused_step: y * SiLU(z), and this block's sum of squares for the gated RMSNorm
+        zv = tl.load(z + b * stride_z_b + h * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        out = out * zv / (1.0 + tl.exp(-zv))
+        tl.store(sumsq + b * stride_ss_b + h * tl.num_programs(1) + pid_p, tl.sum(out * out, axis=0))
     tl.store(y + b * stride_y_b + h * stride_y_h + offs_p, out.to(y.dtype.element_ty), mask=mask_p)
 
 
@@ -99,7 +106,8 @@ def ssd_decode(
         B.stride(0), B.stride(1),
         y.stride(0), y.stride(1),
         h, h // g, p, n, float(dt_limit[0]), float(dt_limit[1]),
-        HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
+        y, 0, y, 0,
+        HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, GATE=False, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
         num_warps=4,
     )
     return y

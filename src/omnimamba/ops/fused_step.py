@@ -1,0 +1,392 @@
+"""A Mamba-2 layer's decode step in three or five Triton kernels (GPU); the unfused step (`Mamba2Block.step`
+over the reference kernels) is its spec, and `decode_step` must match it in tests.
+
+Up to GEMV_ROWS rows (a batch-1 text answer, a few streams): the projections are GEMVs on CUDA cores, and
+each layer is three kernels, the residual stream travelling as h (float32) and its sums of squares:
+
+    in_proj   x = RMSNorm(h) * w_norm (rstd from the sums of squares), rounded to the weight dtype;
+              zxbcdt = x @ W_in^T; the xBC columns go on through the conv step (state shifted in place) + SiLU
+    ssm       triton_step's state update, y = state . C + D x, then y * SiLU(z) and its sums of squares per
+              (row, block of a head's channels)
+    out_proj  x = y_gated * rsqrt(mean of squares + eps) * w_gnorm, rounded; h' = h + x @ W_out^T, and the
+              sums of squares of h' per column tile, for the next in_proj's norm
+
+More rows (guided images: 2 per image): the GEMMs run on tensor cores and in_proj is cuBLAS's, so the norm
+and the conv step are kernels of their own, and out_proj splits K to fill the GPU, leaving partial sums that
+the next norm adds up: norm, in_proj, conv, ssm, out_proj.
+
+Either way ten kernels per layer become three or five. Only what Mamba-2 checkpoints use is fused:
+one norm group (ngroups = 1), a conv of width 4, no projection biases; `supports` says so, and the backbone
+keeps the unfused step otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .triton_step import _ssd_decode_kernel
+
+D_CONV = 4
+GEMV_ROWS = 8  # batch sizes up to this take the GEMV path
+_GEMV_OUT_BLOCK_N = 8  # out_proj's GEMV column tile, fixed: the next norm reads one sum of squares per tile
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def supports(config, in_weight: Tensor, out_weight: Tensor, biases: bool) -> bool:
+    """Whether `decode_step` covers this layer (else the caller runs the unfused step)."""
+    return (config.ngroups == 1 and config.d_conv == D_CONV and not biases and in_weight.is_cuda
+            and in_weight.dtype in _FLOAT_DTYPES and out_weight.dtype == in_weight.dtype)
+
+
+# --- tile shapes ---------------------------------------------------------------------------------------------
+# Chosen, not tuned per call: autotuning compiles every candidate on each new batch size (minutes on a cold
+# cache). The projections are memory-bound at these batch sizes, so the tiles only need enough programs to
+# cover the GPU twice (in_proj: 8512 / 32 columns; out_proj: 2048 / 8) and about 16 KB of weights per loop
+# step; GEMV tiles hold BLOCK_M x BLOCK_N x BLOCK_K float32 products, kept to 8k (64 per thread).
+_GEMV_PRODUCTS = 8192
+_IN_GEMV_BLOCK_N = 32
+_DOT_TILE = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+_K_GRANULE = _DOT_TILE["BLOCK_K"]  # out_proj's K slices are whole numbers of K tiles
+
+
+def _gemv_block_k(block_m: int, block_n: int, k: int) -> int:
+    return max(16, min(triton.next_power_of_2(k), _GEMV_PRODUCTS // (block_m * block_n)))
+
+
+# --- shared pieces -------------------------------------------------------------------------------------------
+@triton.jit
+def _mac_gemv(acc, x, w):
+    """acc (BM, BN, BK) += x (BM, BK) * w (BN, BK) on CUDA cores, x in float32 (a few rows): products only,
+    summed over K once after the loop (a reduction per loop step costs more than the loads)."""
+    return acc + x[:, None, :] * w[None, :, :].to(tl.float32)
+
+
+@triton.jit
+def _mac_dot(acc, x, w, IEEE: tl.constexpr):
+    """acc (BM, BN) += x (BM, BK) @ w (BN, BK)^T on tensor cores, x in w's dtype (float32 weights in full
+    precision: tests hold them to the reference)."""
+    if IEEE:
+        return acc + tl.dot(x, tl.trans(w), input_precision="ieee")
+    return acc + tl.dot(x, tl.trans(w))
+
+
+@triton.jit
+def _conv_update(v, rm, c, cmask, is_conv, conv, conv_w, conv_b, stride_cm, stride_cc, stride_cw,
+                 HAS_CONV_BIAS: tl.constexpr):
+    """The depthwise conv step + SiLU of values v (BM, BC) at conv channels c: the channel's window becomes
+    [s1, s2, s3, v]. Each element's four slots are read, then written, by one thread, so the shift is in place."""
+    base = conv + rm[:, None] * stride_cm + c[None, :] * stride_cc
+    s1 = tl.load(base + 1, mask=cmask, other=0.0).to(tl.float32)
+    s2 = tl.load(base + 2, mask=cmask, other=0.0).to(tl.float32)
+    s3 = tl.load(base + 3, mask=cmask, other=0.0).to(tl.float32)
+    wc = conv_w + c * stride_cw
+    y = (s1 * tl.load(wc, mask=is_conv, other=0.0).to(tl.float32)[None, :]
+         + s2 * tl.load(wc + 1, mask=is_conv, other=0.0).to(tl.float32)[None, :]
+         + s3 * tl.load(wc + 2, mask=is_conv, other=0.0).to(tl.float32)[None, :]
+         + v * tl.load(wc + 3, mask=is_conv, other=0.0).to(tl.float32)[None, :])
+    if HAS_CONV_BIAS:
+        y += tl.load(conv_b + c, mask=is_conv, other=0.0).to(tl.float32)[None, :]
+    cdt = conv.dtype.element_ty
+    tl.store(base, s1.to(cdt), mask=cmask)
+    tl.store(base + 1, s2.to(cdt), mask=cmask)
+    tl.store(base + 2, s3.to(cdt), mask=cmask)
+    tl.store(base + 3, v.to(cdt), mask=cmask)
+    return y / (1.0 + tl.exp(-y))
+
+
+@triton.jit
+def _rstd(sumsq, n_sumsq, rm, mm, K, eps, BLOCK_SS: tl.constexpr):
+    """(BM,) 1 / sqrt(mean square + eps) of each row, from its n_sumsq partial sums of squares."""
+    rs = tl.arange(0, BLOCK_SS)
+    ss = tl.load(sumsq + rm[:, None] * n_sumsq + rs[None, :], mask=mm[:, None] & (rs < n_sumsq)[None, :], other=0.0)
+    return 1.0 / tl.sqrt(tl.sum(ss, axis=1) / K + eps)
+
+
+# --- kernels -------------------------------------------------------------------------------------------------
+@triton.jit
+def _norm_kernel(parts, stride_pp, stride_pm, res, stride_rm, res_out, x_out, weight, eps, K,
+                 N_PARTS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row: h = sum_s parts[s] (+ res) -> res_out (float32); x_out = h * rsqrt(mean(h^2) + eps) * weight."""
+    m = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    h = tl.zeros([BLOCK_K], tl.float32)
+    for s in tl.static_range(N_PARTS):
+        h += tl.load(parts + s * stride_pp + m * stride_pm + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        h += tl.load(res + m * stride_rm + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(res_out + m * K + offs, h, mask=mask)
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / K + eps)
+    w = tl.load(weight + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(x_out + m * K + offs, (h * rstd * w).to(x_out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _in_proj_gemv_kernel(h, stride_hm, sumsq, n_sumsq, norm_w, eps, w, out, conv, conv_w, conv_b,
+                         M, N, K, conv_lo, conv_hi, stride_cm, stride_cc, stride_cw,
+                         HAS_CONV_BIAS: tl.constexpr, BLOCK_SS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out (M, N) = RMSNorm(h) @ w^T; the columns in [conv_lo, conv_hi) then take the conv step + SiLU."""
+    pid_n = tl.program_id(0)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm, mn = rm < M, rn < N
+    rstd = _rstd(sumsq, n_sumsq, rm, mm, K, eps, BLOCK_SS)
+    acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mk = rk < K
+        ht = tl.load(h + rm[:, None] * stride_hm + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
+        g = tl.load(norm_w + rk, mask=mk, other=0.0).to(tl.float32)
+        # the normed input rounded to the weight dtype, as the unfused step feeds its GEMM
+        xt = (ht.to(tl.float32) * rstd[:, None] * g[None, :]).to(w.dtype.element_ty).to(tl.float32)
+        wt = tl.load(w + rn[:, None] * K + rk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+        acc3 = _mac_gemv(acc3, xt, wt)
+    v = tl.sum(acc3, axis=2).to(out.dtype.element_ty).to(tl.float32)  # in_proj's output as the unfused step has it
+    is_conv = (rn >= conv_lo) & (rn < conv_hi) & mn
+    y = _conv_update(v, rm, tl.where(is_conv, rn - conv_lo, 0), mm[:, None] & is_conv[None, :], is_conv,
+                     conv, conv_w, conv_b, stride_cm, stride_cc, stride_cw, HAS_CONV_BIAS)
+    result = tl.where(is_conv[None, :], y, v)
+    tl.store(out + rm[:, None] * N + rn[None, :], result.to(out.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+
+@triton.jit
+def _conv_kernel(zx, stride_zm, conv, conv_w, conv_b, M, conv_lo, n_conv, stride_cm, stride_cc, stride_cw,
+                 HAS_CONV_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """In place, one row per program: the conv step + SiLU of zx's columns [conv_lo, conv_lo + n_conv). Each
+    channel's 4-slot window is read as one contiguous piece (coalesced), then written back shifted by one."""
+    m = tl.program_id(1)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    j = tl.arange(0, 4)
+    is_conv = c < n_conv
+    ptrs = zx + m * stride_zm + conv_lo + c
+    v = tl.load(ptrs, mask=is_conv, other=0.0).to(tl.float32)
+    win = conv + m * stride_cm + c[:, None] * stride_cc + j[None, :]
+    wmask = is_conv[:, None] & (j[None, :] >= 1)
+    s = tl.load(win, mask=wmask, other=0.0).to(tl.float32)  # slots 1..3 (slot 0 leaves the window)
+    # slot j's weight is w[j - 1] in the shifted window; the new value takes w[3]
+    wj = tl.load(conv_w + c[:, None] * stride_cw + j[None, :] - 1, mask=wmask, other=0.0).to(tl.float32)
+    y = tl.sum(s * wj, axis=1) + v * tl.load(conv_w + c * stride_cw + 3, mask=is_conv, other=0.0).to(tl.float32)
+    if HAS_CONV_BIAS:
+        y += tl.load(conv_b + c, mask=is_conv, other=0.0).to(tl.float32)
+    tl.debug_barrier()  # every window read before any is shifted
+    cdt = conv.dtype.element_ty
+    tl.store(win - 1, s.to(cdt), mask=wmask)
+    tl.store(win + 3 - j[None, :], v.to(cdt)[:, None], mask=is_conv[:, None] & (j[None, :] == 3))
+    tl.store(ptrs, (y / (1.0 + tl.exp(-y))).to(zx.dtype.element_ty), mask=is_conv)
+
+
+@triton.jit
+def _out_proj_body(y, sumsq, n_sumsq, gnorm_w, eps, w, out, res, stride_rm, sumsq_out, M, N, K, k_split,
+                   GEMV: tl.constexpr, IEEE: tl.constexpr, BLOCK_SS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm, mn = rm < M, rn < N
+    rstd = _rstd(sumsq, n_sumsq, rm, mm, K, eps, BLOCK_SS)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K if GEMV else 1], tl.float32)
+    k_lo = pid_s * k_split
+    for k0 in range(k_lo, k_lo + k_split, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mk = (rk < K) & (rk < k_lo + k_split)
+        yt = tl.load(y + rm[:, None] * K + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
+        g = tl.load(gnorm_w + rk, mask=mk, other=0.0).to(tl.float32)
+        xt = (yt * rstd[:, None] * g[None, :]).to(w.dtype.element_ty)
+        wt = tl.load(w + rn[:, None] * K + rk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+        if GEMV:
+            acc3 = _mac_gemv(acc3, xt.to(tl.float32), wt)
+        else:
+            acc = _mac_dot(acc, xt, wt, IEEE)
+    if GEMV:
+        acc = tl.sum(acc3, axis=2)
+    omask = mm[:, None] & mn[None, :]
+    if GEMV:  # h' = h + out_proj(...), and its sums of squares over this column tile
+        acc += tl.load(res + rm[:, None] * stride_rm + rn[None, :], mask=omask, other=0.0).to(tl.float32)
+        tl.store(out + rm[:, None] * N + rn[None, :], acc, mask=omask)
+        tl.store(sumsq_out + rm * tl.num_programs(0) + pid_n, tl.sum(acc * acc, axis=1), mask=mm)
+    else:  # partial sums over this slice of K
+        tl.store(out + pid_s * M * N + rm[:, None] * N + rn[None, :], acc, mask=omask)
+
+
+@triton.jit
+def _out_proj_gemv_kernel(y, sumsq, n_sumsq, gnorm_w, eps, w, out, res, stride_rm, sumsq_out, M, N, K, k_split,
+                          GEMV: tl.constexpr, IEEE: tl.constexpr, BLOCK_SS: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _out_proj_body(y, sumsq, n_sumsq, gnorm_w, eps, w, out, res, stride_rm, sumsq_out, M, N, K, k_split,
+                   GEMV, IEEE, BLOCK_SS, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _out_proj_dot_kernel(y, sumsq, n_sumsq, gnorm_w, eps, w, out, M, N, K, k_split,
+                         GEMV: tl.constexpr, IEEE: tl.constexpr, BLOCK_SS: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    _out_proj_body(y, sumsq, n_sumsq, gnorm_w, eps, w, out, out, 0, out, M, N, K, k_split,
+                   GEMV, IEEE, BLOCK_SS, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+# --- launchers -----------------------------------------------------------------------------------------------
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # Triton's CPU interpreter
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _block_m(m: int) -> int:
+    return triton.next_power_of_2(m) if m <= GEMV_ROWS else 16 if m <= 16 else 32 if m <= 32 else 64
+
+
+def _k_split(m: int, n: int, k: int, device: torch.device) -> int:
+    """Columns per slice of K for the GEMM out_proj, so that its grid covers the GPU about twice (2048 outputs
+    make 16-64 column tiles per row tile); at most 8 slices, each a whole number of K tiles."""
+    tiles = triton.cdiv(n, 64) * triton.cdiv(m, _block_m(m))
+    want = max(1, 2 * _multiprocessors(device) // tiles)
+    split = 1
+    while split * 2 <= min(want, 8) and k % (split * 2 * _K_GRANULE) == 0:
+        split *= 2
+    return k // split
+
+
+def norm(parts: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """parts (S, M, K): h = parts.sum(0) (+ residual (M, K)). Returns (RMSNorm(h) * weight in the weight's
+    dtype, h in float32: the next residual)."""
+    s, m, k = parts.shape
+    res_out = torch.empty(m, k, device=parts.device, dtype=torch.float32)
+    x = torch.empty(m, k, device=parts.device, dtype=weight.dtype)
+    res = residual if residual is not None else res_out
+    _norm_kernel[(m,)](parts, parts.stride(0), parts.stride(1), res, res.stride(0), res_out, x, weight, eps, k,
+                       N_PARTS=s, HAS_RES=residual is not None, BLOCK_K=triton.next_power_of_2(k), num_warps=4)
+    return x, res_out
+
+
+def _check_conv(conv_state: Tensor, conv_weight: Tensor) -> None:
+    if conv_state.size(-1) != D_CONV or conv_state.stride(-1) != 1 or conv_weight.stride(-1) != 1:
+        raise ValueError(f"the fused step needs a conv of width {D_CONV} with a contiguous last dimension")
+
+
+def in_proj_gemv(h: Tensor, sumsq: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, conv_state: Tensor,
+                 conv_weight: Tensor, conv_bias: Tensor | None, conv_lo: int) -> Tensor:
+    """RMSNorm(h) (M <= GEMV_ROWS, K), its rstd from the row sums of squares sumsq (M, n), @ weight (N, K)^T ->
+    (M, N) in the weight's dtype, the columns [conv_lo, conv_lo + C) through the conv step + SiLU;
+    conv_state (M, C, 4) shifted in place, conv_weight (C, 4)."""
+    m, k = h.shape
+    n = weight.size(0)
+    _check_conv(conv_state, conv_weight)
+    out = torch.empty(m, n, device=h.device, dtype=weight.dtype)
+    bm, bn = _block_m(m), _IN_GEMV_BLOCK_N
+    _in_proj_gemv_kernel[(triton.cdiv(n, bn),)](
+        h, h.stride(0), sumsq, sumsq.size(1), norm_weight, eps, weight, out, conv_state, conv_weight,
+        conv_bias if conv_bias is not None else conv_weight, m, n, k, conv_lo, conv_lo + conv_state.size(1),
+        conv_state.stride(0), conv_state.stride(1), conv_weight.stride(0), HAS_CONV_BIAS=conv_bias is not None,
+        BLOCK_SS=triton.next_power_of_2(sumsq.size(1)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=_gemv_block_k(bm, bn, k),
+        num_warps=4, num_stages=3)
+    return out
+
+
+def conv_columns(zx: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, conv_lo: int
+                 ) -> None:
+    """In place: zx[:, conv_lo:conv_lo + C] (M, C) through the conv step + SiLU; conv_state (M, C, 4) shifted."""
+    _check_conv(conv_state, conv_weight)
+    m, n_conv = conv_state.size(0), conv_state.size(1)
+    if conv_state.stride(-1) != 1 or conv_state.size(-1) != D_CONV:
+        raise ValueError("conv_columns needs a conv state of width 4 with a contiguous last dimension")
+    block_c = 256
+    _conv_kernel[(triton.cdiv(n_conv, block_c), m)](
+        zx, zx.stride(0), conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight,
+        m, conv_lo, n_conv, conv_state.stride(0), conv_state.stride(1), conv_weight.stride(0),
+        HAS_CONV_BIAS=conv_bias is not None, BLOCK_C=block_c, num_warps=4)
+
+
+def ssm_gate(state: Tensor, zxbcdt: Tensor, d_inner: int, d_state: int, A_log: Tensor, D: Tensor | None,
+             dt_bias: Tensor | None, dt_limit: tuple[float, float]) -> tuple[Tensor, Tensor]:
+    """The SSM step on the conv's output (M, [z | xBC | dt]) with state (M, h, p, n) updated in place.
+    Returns y * SiLU(z) (M, d_inner) in float32 and its sums of squares (M, h * blocks per head)."""
+    m, h, p, n = state.shape
+    if state.stride(-1) != 1 or zxbcdt.stride(-1) != 1:
+        raise ValueError("ssm_gate needs a state and an input with a contiguous last dimension")
+    # views from each part's first column: the kernel reads them through the row stride (ngroups = 1)
+    x, B, C, dt = (zxbcdt[:, start:] for start in (d_inner, 2 * d_inner, 2 * d_inner + d_state,
+                                                    2 * d_inner + 2 * d_state))
+    block_n = triton.next_power_of_2(n)
+    block_p = max(1, min(triton.next_power_of_2(p), 4096 // block_n))
+    n_blocks = triton.cdiv(p, block_p)
+    y = torch.empty(m, d_inner, device=state.device, dtype=torch.float32)
+    sumsq = torch.empty(m, h * n_blocks, device=state.device, dtype=torch.float32)
+    row = zxbcdt.stride(0)
+    _ssd_decode_kernel[(m * h, n_blocks)](
+        state, x, dt, dt_bias if dt_bias is not None else dt, A_log, B, C, D if D is not None else A_log, y,
+        state.stride(0), state.stride(1), state.stride(2), row, p, row, row, 0, d_inner, p,
+        h, h, p, n, float(dt_limit[0]), float(dt_limit[1]), zxbcdt, row, sumsq, h * n_blocks,
+        HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, GATE=True, BLOCK_P=block_p, BLOCK_N=block_n,
+        num_warps=4,
+    )
+    return y, sumsq
+
+
+def out_proj_residual(y: Tensor, sumsq: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, h: Tensor
+                      ) -> tuple[Tensor, Tensor]:
+    """GEMV path: h + (gated RMSNorm of y, from its sums of squares) @ weight (N, K)^T. Returns the new h
+    (M, N) float32 and its sums of squares per column tile (M, N / 8)."""
+    m, k = y.shape
+    n = weight.size(0)
+    tiles = triton.cdiv(n, _GEMV_OUT_BLOCK_N)
+    out = torch.empty(m, n, device=y.device, dtype=torch.float32)
+    sumsq_out = torch.empty(m, tiles, device=y.device, dtype=torch.float32)
+    bm, bn = _block_m(m), _GEMV_OUT_BLOCK_N
+    _out_proj_gemv_kernel[(tiles, 1, 1)](y, sumsq, sumsq.size(1), norm_weight, eps, weight, out, h, h.stride(0),
+                                         sumsq_out, m, n, k, k, GEMV=True, IEEE=False,
+                                         BLOCK_SS=triton.next_power_of_2(sumsq.size(1)), BLOCK_M=bm, BLOCK_N=bn,
+                                         BLOCK_K=_gemv_block_k(bm, bn, k), num_warps=4, num_stages=2)
+    return out, sumsq_out
+
+
+def out_proj_partials(y: Tensor, sumsq: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) -> Tensor:
+    """GEMM path: (gated RMSNorm of y) @ weight (N, K)^T as float32 partial sums (S, M, N) over S slices of
+    K (their sum is the projection)."""
+    m, k = y.shape
+    n = weight.size(0)
+    k_split = _k_split(m, n, k, y.device)
+    out = torch.empty(k // k_split, m, n, device=y.device, dtype=torch.float32)
+    bm = _block_m(m)
+    grid = (triton.cdiv(n, _DOT_TILE["BLOCK_N"]), triton.cdiv(m, bm), k // k_split)
+    _out_proj_dot_kernel[grid](y, sumsq, sumsq.size(1), norm_weight, eps, weight, out, m, n, k, k_split, GEMV=False,
+                               IEEE=weight.dtype == torch.float32, BLOCK_SS=triton.next_power_of_2(sumsq.size(1)),
+                               BLOCK_M=bm, **_DOT_TILE)
+    return out
+
+
+def decode_step(blocks, in_weights: list[Tensor], embeds: Tensor, conv: Tensor, ssm: Tensor, final_weight: Tensor,
+                final_eps: float) -> Tensor:
+    """One token through every block: embeds (M, d_model) -> the final norm's output (M, d_model) in the
+    weights' dtype. blocks: the backbone's Mamba2Blocks; in_weights: each in_proj's matrix for the active
+    route; conv (n_layer, M, C, 4) and ssm (n_layer, M, h, p, n) are updated in place."""
+    m = embeds.size(0)
+    if m <= GEMV_ROWS:
+        h = embeds
+        sumsq = embeds.float().pow(2).sum(-1, keepdim=True)
+        for i, (block, w) in enumerate(zip(blocks, in_weights)):
+            mix, c = block.mixer, block.mixer.config
+            zxbcdt = in_proj_gemv(h, sumsq, block.norm.weight, block.norm.eps, w, conv[i], mix.conv1d.weight[:, 0],
+                                  mix.conv1d.bias, c.d_inner)
+            y, ssq = ssm_gate(ssm[i], zxbcdt, c.d_inner, c.d_state, mix.A_log, mix.D, mix.dt_bias, c.dt_limit)
+            h, sumsq = out_proj_residual(y, ssq, mix.norm.weight, mix.norm.eps, mix.out_proj.weight, h)
+        return norm(h[None], None, final_weight, final_eps)[0]
+    parts, residual = embeds[None], None
+    for i, (block, w) in enumerate(zip(blocks, in_weights)):
+        mix, c = block.mixer, block.mixer.config
+        x, residual = norm(parts, residual, block.norm.weight, block.norm.eps)
+        zxbcdt = F.linear(x, w)
+        conv_columns(zxbcdt, conv[i], mix.conv1d.weight[:, 0], mix.conv1d.bias, c.d_inner)
+        y, ssq = ssm_gate(ssm[i], zxbcdt, c.d_inner, c.d_state, mix.A_log, mix.D, mix.dt_bias, c.dt_limit)
+        parts = out_proj_partials(y, ssq, mix.norm.weight, mix.norm.eps, mix.out_proj.weight)
+    return norm(parts, residual, final_weight, final_eps)[0]

@@ -1,0 +1,62 @@
+"""Run a small Mamba-2 LM's decode steps fused (ops/fused_step.py) and unfused (reference kernels) side by side
+and print, as JSON, the largest differences in outputs and states. Run with TRITON_INTERPRET=1 on a CPU (the
+kernels then run in Triton's interpreter), or on a GPU.
+
+    python tests/helpers/fused_step_parity.py --batch 3 --dtype float32
+"""
+
+import argparse
+import json
+
+import torch
+
+from omnimamba.mamba2 import Mamba2Config
+from omnimamba.mamba2.model import Mamba2LM
+from omnimamba.ops import fused_step
+
+
+def compare(batch: int, dtype: torch.dtype, device: str, steps: int = 3) -> dict:
+    """The largest absolute differences fused - unfused over `steps` decode steps after a 5-token prefill."""
+    torch.manual_seed(0)
+    cfg = Mamba2Config(d_model=64, n_layer=2, vocab_size=100, pad_vocab_size_multiple=8, headdim=16, d_state=32,
+                       chunk_size=16, conv_bias=True)
+    model = Mamba2LM(cfg, backend="reference").eval()
+    with torch.no_grad():  # norms and D away from their initial ones, so a mix-up of them shows
+        for layer in model.backbone.layers:
+            for w in (layer.norm.weight, layer.mixer.norm.weight):
+                w.normal_(1, 0.1)
+            layer.mixer.D.normal_()
+        model.backbone.norm_f.weight.normal_(1, 0.1)
+    model = model.to(device, dtype)
+    bb = model.backbone
+    ref_cache, fused_cache = model.allocate_cache(batch), model.allocate_cache(batch)
+    errors = {"out": 0.0, "conv": 0.0, "ssm": 0.0}
+    with torch.no_grad():
+        prompt = torch.randint(0, cfg.vocab_size, (batch, 5), device=device)
+        model(prompt, cache=ref_cache)
+        model(prompt, cache=fused_cache)
+        scale = 0.0
+        for _ in range(steps):
+            emb = bb.embedding(torch.randint(0, cfg.vocab_size, (batch,), device=device))
+            ref = bb.step(emb, ref_cache)
+            out = fused_step.decode_step(bb.layers, [b.mixer.in_proj.weight for b in bb.layers], emb,
+                                         fused_cache.conv, fused_cache.ssm, bb.norm_f.weight, bb.norm_f.eps)
+            scale = max(scale, ref.float().abs().max().item())
+            for key, (x, y) in {"out": (out, ref), "conv": (fused_cache.conv, ref_cache.conv),
+                                "ssm": (fused_cache.ssm, ref_cache.ssm)}.items():
+                errors[key] = max(errors[key], (x.float() - y.float()).abs().max().item())
+    return {**errors, "out_scale": scale, "dtype": str(out.dtype), "shape": list(out.shape)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=3)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args()
+    print(json.dumps(compare(a.batch, getattr(torch, a.dtype), a.device, a.steps)))
+
+
+if __name__ == "__main__":
+    main()
