@@ -139,7 +139,7 @@ def main() -> None:
 
     print()
     gc.print_table(rows, COLUMNS)
-    path = gc.write_json("image_generation", {
+    path = gc.write_json("image_generation" if n == 16 else f"image_generation_{n}", {
         "benchmark": f"{n} images at 256 px (256 tokens) with classifier-free guidance ({2 * n} rows), bf16",
         "weights": gc.RANDOM_WEIGHTS, "guidance_scale": args.guidance, "copy_bandwidth_TBps": bandwidth / 1e12,
         **info, "rows": rows})

@@ -18,7 +18,13 @@ Rows:
 and the memory roofline: the bytes one decode step must read (weights, state or KV cache) over the measured
 copy bandwidth.
 
+With --batch B, B sequences of the same length decode together (tokens/s counts all rows; ms/token is one step;
+B images, B prompts) and the JSON is mmu_long_generation_batchB.json: long prompts at large B need
+omnimamba-chunked, whose prefill peak stays flat (a whole-prompt prefill of B x 100k positions does not fit).
+
     python benchmarks/mmu_long_generation.py [--lengths 1024 4096 ...] [--window 128] [--budget-s 420]
+    python benchmarks/mmu_long_generation.py --batch 16 --lengths 1024 16384 100000 \
+        --systems omnimamba-chunked llama-static-compile
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch
 import gpu_common as gc
 from omnimamba.model import OmniMamba, preset
 
-COLUMNS = ["system", "length", "tokens_per_s", "ms_per_token", "roofline_ms", "peak_decode_GiB",
+COLUMNS = ["system", "batch", "length", "tokens_per_s", "ms_per_token", "roofline_ms", "peak_decode_GiB",
            "peak_prefill_GiB", "prefill_s", "note"]
 
 
@@ -43,13 +49,13 @@ def build_omnimamba():
 
 
 @torch.no_grad()
-def run_omnimamba(model, length: int, window: int, graph: bool) -> dict:
+def run_omnimamba(model, length: int, window: int, graph: bool, batch: int = 1) -> dict:
     cfg = model.config
     size = cfg.understanding.image_size
-    pixels = torch.rand(1, 3, size, size, device="cuda", dtype=torch.bfloat16)
-    n_image = model.encode_images(pixels).size(1)
+    pixels = torch.rand(batch, 3, size, size, device="cuda", dtype=torch.bfloat16)
+    n_image = model.encode_images(pixels[:1]).size(1)
     prompt_len = length - window - 4 - n_image
-    prompt = torch.randint(0, cfg.text_base_vocab_size, (1, prompt_len), device="cuda")
+    prompt = torch.randint(0, cfg.text_base_vocab_size, (batch, prompt_len), device="cuda")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = gc.sync_time()
@@ -61,13 +67,13 @@ def run_omnimamba(model, length: int, window: int, graph: bool) -> dict:
     torch.cuda.reset_peak_memory_stats()
     n = sum(1 for _ in steps)
     t2 = gc.sync_time()
-    return {"tokens_per_s": n / (t2 - t1), "ms_per_token": 1e3 * (t2 - t1) / n, "prefill_s": t1 - t0,
+    return {"tokens_per_s": batch * n / (t2 - t1), "ms_per_token": 1e3 * (t2 - t1) / n, "prefill_s": t1 - t0,
             "peak_decode_GiB": gc.gib(torch.cuda.max_memory_allocated()), "peak_prefill_GiB": gc.gib(prefill_peak)}
 
 
 @torch.no_grad()
-def run_llama(model, length: int, window: int, static: bool) -> dict:
-    ids = torch.randint(2, model.config.vocab_size, (1, length - window), device="cuda")
+def run_llama(model, length: int, window: int, static: bool, batch: int = 1) -> dict:
+    ids = torch.randint(2, model.config.vocab_size, (batch, length - window), device="cuda")
     clock = gc.DecodeClock()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -78,7 +84,7 @@ def run_llama(model, length: int, window: int, static: bool) -> dict:
     clock.end()
     n = clock.calls - 2  # generated tokens after the first
     prefill_peak = None  # the clock resets the counter at the first token; the prefill's peak is not kept
-    return {"tokens_per_s": n / (clock.t_end - clock.t_first), "ms_per_token": 1e3 * (clock.t_end - clock.t_first) / n,
+    return {"tokens_per_s": batch * n / (clock.t_end - clock.t_first), "ms_per_token": 1e3 * (clock.t_end - clock.t_first) / n,
             "prefill_s": clock.t_first - clock.t_start, "peak_decode_GiB": gc.gib(clock.peak),
             "peak_prefill_GiB": prefill_peak}
 
@@ -91,7 +97,11 @@ def main() -> None:
                                                      "llama-stock", "llama-static-compile"])
     ap.add_argument("--prefill-chunk", type=int, default=8192, help="omnimamba-chunked's prefill chunk")
     ap.add_argument("--budget-s", type=float, default=420, help="skip what would start after this many seconds")
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     args = ap.parse_args()
+    if args.batch < 1:
+        ap.error(f"--batch must be >= 1, got {args.batch}")
+    b = args.batch
     began = time.perf_counter()
     info = gc.device_info()
     bandwidth = gc.copy_bandwidth()
@@ -99,7 +109,7 @@ def main() -> None:
     rows = []
 
     def record(system, length, fn, roofline_bytes):
-        row = {"system": system, "length": length, "roofline_ms": 1e3 * roofline_bytes / bandwidth}
+        row = {"system": system, "batch": b, "length": length, "roofline_ms": 1e3 * roofline_bytes / bandwidth}
         if time.perf_counter() - began > args.budget_s:
             row["note"] = "not run: time budget"
         else:
@@ -113,17 +123,17 @@ def main() -> None:
 
     if any(s.startswith("omnimamba") for s in args.systems):
         model = build_omnimamba()
-        cache = model.allocate_cache(1)  # what decoding holds (its state dtype included)
+        cache = model.allocate_cache(b)  # what decoding holds (its state dtype included)
         # One step reads every layer's weights and the whole text head, and reads + writes the cache.
         step_bytes = gc.param_bytes(model.backbone.layers) + model.lm_head.weight.nbytes + 2 * cache.nbytes
         del cache
-        run_omnimamba(model, 2048, 16, graph=True)  # compile the kernels, capture the graph
+        run_omnimamba(model, 2048, 16, graph=True, batch=b)  # compile the kernels, capture the graph
         for length in args.lengths:
             for system, graph, chunk in (("omnimamba", True, 0), ("omnimamba-eager", False, 0),
                                          ("omnimamba-chunked", True, args.prefill_chunk)):
                 if system in args.systems:
                     model.prefill_chunk = chunk
-                    record(system, length, lambda: run_omnimamba(model, length, args.window, graph), step_bytes)
+                    record(system, length, lambda: run_omnimamba(model, length, args.window, graph, b), step_bytes)
             model.prefill_chunk = 0
         del model
         torch.cuda.empty_cache()
@@ -134,19 +144,19 @@ def main() -> None:
         if "llama-stock" in args.systems:
             run_llama(llama, 512, 8, static=False)
             for length in args.lengths:
-                record("llama-stock", length, lambda: run_llama(llama, length, args.window, static=False),
-                       weights + gc.kv_cache_bytes(length))
+                record("llama-stock", length, lambda: run_llama(llama, length, args.window, False, b),
+                       weights + gc.kv_cache_bytes(length, b))
         if "llama-static-compile" in args.systems:
             for length in args.lengths:
                 def static_run():
-                    run_llama(llama, length, args.window, static=True)  # compiles for this length
-                    return run_llama(llama, length, args.window, static=True)
-                record("llama-static-compile", length, static_run, weights + gc.kv_cache_bytes(length))
+                    run_llama(llama, length, args.window, True, b)  # compiles for this length
+                    return run_llama(llama, length, args.window, True, b)
+                record("llama-static-compile", length, static_run, weights + gc.kv_cache_bytes(length, b))
 
     print()
     gc.print_table(rows, COLUMNS)
-    path = gc.write_json("mmu_long_generation", {
-        "benchmark": "long MMU generation, decode phase at each total length (batch 1, bf16, greedy)",
+    path = gc.write_json("mmu_long_generation" if b == 1 else f"mmu_long_generation_batch{b}", {
+        "benchmark": f"long MMU generation, decode phase at each total length (batch {b}, bf16, greedy)",
         "weights": gc.RANDOM_WEIGHTS, "window": args.window, "prefill_chunk": args.prefill_chunk,
         "copy_bandwidth_TBps": bandwidth / 1e12,
         **info, "rows": rows})

@@ -19,8 +19,17 @@ elif [ "${1:-}" = quick ]; then
     python3 benchmarks/image_generation.py --images 4 --repeat 1 2>&1 | tee "$LOGS/image_generation.log" || status=1
     python3 benchmarks/training_throughput.py --mmu-batch 1 --t2i-batch 4 --warmup 1 --steps 2 2>&1 | tee "$LOGS/training_throughput.log" || status=1
 else
+    python3 benchmarks/profile_decode.py 2>&1 | tee "$LOGS/profile_decode.log" || status=1
     python3 benchmarks/mmu_long_generation.py 2>&1 | tee "$LOGS/mmu_long_generation.log" || status=1
+    for b in 16 64; do  # many sequences decoding together; long prompts prefilled in chunks
+        python3 benchmarks/mmu_long_generation.py --batch $b --lengths 1024 16384 100000 --window 64 \
+            --systems omnimamba-chunked llama-static-compile 2>&1 | tee "$LOGS/mmu_long_generation_batch$b.log" || status=1
+    done
     python3 benchmarks/image_generation.py 2>&1 | tee "$LOGS/image_generation.log" || status=1
+    for n in 64 128; do
+        python3 benchmarks/image_generation.py --images $n --repeat 1 --systems omnimamba llama-static-compile 2>&1 \
+            | tee "$LOGS/image_generation_$n.log" || status=1
+    done
     python3 benchmarks/training_throughput.py --loss-chunk 4096 --name training_throughput_loss_chunk 2>&1 \
         | tee "$LOGS/training_throughput_loss_chunk.log" || status=1
     python3 benchmarks/training_throughput.py --activation-checkpointing --loss-chunk 4096 \
