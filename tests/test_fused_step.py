@@ -44,6 +44,7 @@ def test_fused_step_covers_one_norm_group_width_four_conv_and_no_biases():
         assert not supports(base, w, w, biases=True)
         assert not supports(base.replace(ngroups=2), w, w, biases=False)
         assert not supports(base.replace(d_conv=3), w, w, biases=False)
+        assert not supports(base, w.t(), w, biases=False)  # the kernels read rows of K contiguous values
 
 
 def test_route_weight_is_the_matrix_the_route_multiplies_by():

@@ -153,8 +153,9 @@ class Mamba2Backbone(nn.Module):
     # Activation checkpointing per block in training: keep each block's input only and recompute the block in
     # the backward (memory: one block's activations instead of every block's, for about a third more compute).
     gradient_checkpointing: bool = False
-    # Decode steps without gradients run each block as four fused kernels (ops/fused_step.py) where the backend
-    # offers them and the layer fits; False keeps the unfused step (its spec) everywhere.
+    # Decode steps without gradients run each block as three (up to 8 rows) or five fused kernels
+    # (ops/fused_step.py) where the backend offers them and every layer fits; False keeps the unfused step (its
+    # spec) everywhere.
     fused_decode: bool = True
 
     def __init__(self, config: Mamba2Config, kernels: ModuleType):

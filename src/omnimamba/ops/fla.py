@@ -22,7 +22,7 @@ from . import reference
 from .reference import ssd_step  # noqa: F401
 
 
-# Decode steps may run each block as ops/fused_step.py's four kernels (Mamba2Backbone.step checks this flag).
+# Decode steps may run each block as ops/fused_step.py's fused kernels (Mamba2Backbone.step checks this flag).
 FUSED_DECODE = True
 
 

@@ -41,7 +41,8 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def supports(config, in_weight: Tensor, out_weight: Tensor, biases: bool) -> bool:
     """Whether `decode_step` covers this layer (else the caller runs the unfused step)."""
     return (config.ngroups == 1 and config.d_conv == D_CONV and not biases and in_weight.is_cuda
-            and in_weight.dtype in _FLOAT_DTYPES and out_weight.dtype == in_weight.dtype)
+            and in_weight.dtype in _FLOAT_DTYPES and out_weight.dtype == in_weight.dtype
+            and in_weight.is_contiguous() and out_weight.is_contiguous())  # the kernels index rows as K-wide
 
 
 # --- tile shapes ---------------------------------------------------------------------------------------------
@@ -371,6 +372,7 @@ def decode_step(blocks, in_weights: list[Tensor], embeds: Tensor, conv: Tensor, 
     weights' dtype. blocks: the backbone's Mamba2Blocks; in_weights: each in_proj's matrix for the active
     route; conv (n_layer, M, C, 4) and ssm (n_layer, M, h, p, n) are updated in place."""
     m = embeds.size(0)
+    embeds = embeds.contiguous()
     if m <= GEMV_ROWS:
         h = embeds
         sumsq = embeds.float().pow(2).sum(-1, keepdim=True)

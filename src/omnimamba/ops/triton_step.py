@@ -7,9 +7,9 @@ Per (batch row, head, block of head channels) one program reads that slice of th
     y     = state · C + D * x
 
 and writes the state back in place, so a step moves each state byte twice (read, write) and nothing else
-of size. With GATE (ops/fused_step.py) it also multiplies y by SiLU(z) and writes the sum of squares of its
-block of y, for the gated RMSNorm that the fused out_proj applies. The update is computed in float32 whatever the state's storage dtype; x, B, C are read straight
-from the conv output through their strides.
+of size. The update is computed in float32 whatever the state's storage dtype; x, B, C are read straight
+from the conv output through their strides. With GATE (ops/fused_step.py) it also multiplies y by SiLU(z) and
+writes the sum of squares of its block of y, for the gated RMSNorm that the fused out_proj applies.
 """
 
 from __future__ import annotations
