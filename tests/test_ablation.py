@@ -343,3 +343,36 @@ def test_a_run_out_of_gpu_memory_beside_others_starts_again_when_fewer_share_its
     with pytest.raises(UserError, match=r"1 run\(s\) failed: a seed 0"):
         pool.run_in_processes(alone, jobs=3, log=lines.append, describe=str)
     assert attempts == {"a": 1}
+
+
+def test_caption_information_compares_own_other_and_null_captions():
+    """caption_information's 'own' is split_losses' T2I loss (the same images and captions); 'other' gives each
+    image the next one's caption; 'null' drops every caption; images that share one caption get 0 information."""
+    import dataclasses
+
+    import torch
+
+    from omnimamba.data.shapes import ShapesConfig, ShapesWorld
+    from omnimamba.evaluation.shapes_eval import caption_information, split_losses
+    from omnimamba.model import OmniMamba, preset
+    from omnimamba.tokenizer import TextTokenizer
+
+    torch.manual_seed(0)
+    model, tok = OmniMamba(preset("shapes-tiny"), backend="reference"), TextTokenizer.shapes()
+    with torch.no_grad():  # token embeddings far from their small initialisation, so every caption token matters
+        model.backbone.embedding.weight.normal_(0.0, 1.0)
+        model.caption_embed.null_caption.normal_(0.0, 1.0)
+    model.eval()
+    world = ShapesWorld(ShapesConfig(image_size=model.config.vq.image_size), seed=0)
+    got = caption_information(model, tok, world, "test", n_images=4, batch_size=3)
+    assert got["own"] == pytest.approx(split_losses(model, tok, world, "test", n_images=4)["t2i_loss"], rel=1e-5)
+    assert got["information"] == pytest.approx(got["other"] - got["own"])
+    assert got["guidance_gap"] == pytest.approx(got["null"] - got["own"])
+    assert abs(got["information"]) > 1e-4 and abs(got["guidance_gap"]) > 1e-4  # the caption changes the codes' loss
+
+    class OneCaption:  # every image captioned alike: another image's caption is this image's own
+        def sample(self, split, i):
+            return dataclasses.replace(world.sample(split, i), captions=["a red circle"])
+
+    assert caption_information(model, tok, OneCaption(), "test", n_images=4)["information"] == pytest.approx(0.0,
+                                                                                                         abs=1e-6)

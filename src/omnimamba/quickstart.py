@@ -37,7 +37,8 @@ def final_report(model, tokenizer, world, out: Path, n_images: int = 100, n_prom
                  guidance: float = 3.0, top_k: int = 20, temperature: float = 1.0, log=print) -> dict:
     """Scores on the test and held-out splits (T2I with and without guidance), the baselines, the VQ
     round trip's scorer rate, and a picture."""
-    from .evaluation.shapes_eval import evaluate_mmu, evaluate_t2i, save_evaluation_picture, tokenizer_round_trip
+    from .evaluation.shapes_eval import (caption_information, evaluate_mmu, evaluate_t2i, save_evaluation_picture,
+                                         tokenizer_round_trip)
     from .evaluation.shapes_scorer import chance_baselines, format_baselines
 
     model.eval()
@@ -47,6 +48,10 @@ def final_report(model, tokenizer, world, out: Path, n_images: int = 100, n_prom
     report["vq_round_trip"], report["vq_colours_kept"] = trip["round_trip"], trip["colours_kept"]
     log(f"T2I scorer on ground-truth renders after the VQ round trip: {report['vq_round_trip']['overall']:.1%}; "
         f"objects that keep their colour: {', '.join(f'{c} {v:.0%}' for c, v in report['vq_colours_kept'].items())}")
+    info = report["caption_information"] = caption_information(model, tokenizer, world, "test", min(n_images, 50))
+    gap = "" if info["guidance_gap"] is None else f", null caption {info['null']:.3f} (guidance has {info['guidance_gap']:.3f} to amplify)"
+    log(f"T2I nats per code on test images: own caption {info['own']:.3f}, another image's {info['other']:.3f} "
+        f"(the caption tells {info['information']:.3f}){gap}")
     for split in ("test", "heldout"):
         mmu, answered = evaluate_mmu(model, tokenizer, world, split, n_images)
         t2i_cfg, generated = evaluate_t2i(model, tokenizer, world, split, n_prompts, guidance_scale=guidance,

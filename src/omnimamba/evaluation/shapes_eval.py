@@ -101,6 +101,42 @@ def split_losses(model, tokenizer, world, split: str = "test", n_images: int = 5
     return out
 
 
+def caption_information(model, tokenizer, world, split: str = "test", n_images: int = 50, batch_size: int = 32
+                        ) -> dict:
+    """How much the model's image codes depend on the caption, in nats per code (the loss as trained), over the
+    tokenizer's codes of a split's first n_images images: under their own first caption ('own'), under the
+    next image's caption ('other'; a lower bound where two images share a caption), and under the learned
+    null caption that guidance contrasts with ('null', None for a model without one). 'information' = other -
+    own: what the caption tells the model; 'guidance_gap' = null - own: the difference guidance amplifies."""
+    if n_images < 2:
+        raise ValueError(f"caption_information needs at least 2 images, got {n_images}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    samples = [world.sample(split, i) for i in range(n_images)]
+    own = [s.captions[0] for s in samples]
+    rows = {"own": (own, False), "other": (own[1:] + own[:1], False)}
+    if model.caption_embed.null_caption is not None:
+        rows["null"] = (own, True)
+    out = {"null": None}
+    with torch.no_grad():
+        codes = torch.cat([model.vq.encode(images_to_tensor([s.image for s in samples[i:i + batch_size]]).to(device)
+                                           * 2 - 1) for i in range(0, n_images, batch_size)]).long().cpu()
+        for name, (captions, drop) in rows.items():
+            total, count = 0.0, 0
+            for i in range(0, n_images, batch_size):
+                prefixes = [t2i_prefix(tokenizer, c, model.config.max_caption_tokens) for c in captions[i:i + batch_size]]
+                batch = T2IBatch.collate(prefixes, codes[i:i + batch_size], tokenizer.special,
+                                         [drop] * len(prefixes)).to(device)
+                result = model.forward_t2i(batch, reduction="sum")
+                total, count = total + float(result[1]), count + int(result[2])
+            out[name] = total / count
+    model.train(was_training)
+    out["information"] = out["other"] - out["own"]
+    out["guidance_gap"] = None if out["null"] is None else out["null"] - out["own"]
+    return out
+
+
 def save_evaluation_picture(path: str | Path, generated: list, answered: list, world, split: str,
                             n: int = 8) -> None:
     """One PNG: generated images with their prompts, then images with a question, the model's answer and the truth."""
