@@ -49,7 +49,8 @@ def final_report(model, tokenizer, world, out: Path, n_images: int = 100, n_prom
     log(f"T2I scorer on ground-truth renders after the VQ round trip: {report['vq_round_trip']['overall']:.1%}; "
         f"objects that keep their colour: {', '.join(f'{c} {v:.0%}' for c, v in report['vq_colours_kept'].items())}")
     info = report["caption_information"] = caption_information(model, tokenizer, world, "test", min(n_images, 50))
-    gap = "" if info["guidance_gap"] is None else f", null caption {info['null']:.3f} (guidance has {info['guidance_gap']:.3f} to amplify)"
+    gap = "" if info["guidance_gap"] is None else (f", null caption {info['null']:.3f} "
+                                                    f"(guidance has {info['guidance_gap']:.3f} to amplify)")
     log(f"T2I nats per code on test images: own caption {info['own']:.3f}, another image's {info['other']:.3f} "
         f"(the caption tells {info['information']:.3f}){gap}")
     for split in ("test", "heldout"):
@@ -63,8 +64,10 @@ def final_report(model, tokenizer, world, out: Path, n_images: int = 100, n_prom
             f"({', '.join(f'{k} {v:.0%}' for k, v in mmu['accuracy'].items() if k != 'overall')})")
         for kind, m in mmu["pope"].items():
             log(f"  POPE {kind:<12} acc {m['accuracy']:.1%}  F1 {m['f1']:.3f}  yes-ratio {m['yes_ratio']:.2f}")
+        kinds = ", ".join(f"{k} {t2i_cfg[k]:.0%}" for k in ("single_object", "two_object", "counting", "position")
+                          if k in t2i_cfg)
         log(f"  T2I score with guidance {guidance:g}: {t2i_cfg['overall']:.1%}   without: {t2i_plain['overall']:.1%}  "
-            f"({', '.join(f'{k} {v:.0%}' for k, v in t2i_cfg.items() if k in ('single_object', 'two_object', 'counting', 'position'))})")
+            f"({kinds})")
         if split == "test":
             save_evaluation_picture(out / "quickstart.png", generated, answered, world, split, n=8)
     return report

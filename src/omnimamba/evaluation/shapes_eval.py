@@ -84,12 +84,8 @@ def split_losses(model, tokenizer, world, split: str = "test", n_images: int = 5
                                  tokenizer.special)
         batch = batch.to(device)
         add("mmu", model.forward_mmu(batch, reduction="sum"), batch.labels)
-    for start in range(0, n_images, batch_size):
-        chunk = samples[start:start + batch_size]
-        codes = model.vq.encode(images_to_tensor([s.image for s in chunk]).to(device) * 2 - 1)
-        prefixes = [t2i_prefix(tokenizer, s.captions[0], model.config.max_caption_tokens) for s in chunk]
-        batch = T2IBatch.collate(prefixes, codes.long().cpu(), tokenizer.special, [False] * len(chunk))
-        batch = batch.to(device)
+    codes = _image_codes(model, samples, batch_size)
+    for batch in _t2i_batches(model, tokenizer, [s.captions[0] for s in samples], codes, False, batch_size):
         add("t2i", model.forward_t2i(batch, reduction="sum"), batch.image_codes)
     model.train(was_training)
     model.loss_chunk = loss_chunk
@@ -101,6 +97,21 @@ def split_losses(model, tokenizer, world, split: str = "test", n_images: int = 5
     return out
 
 
+def _image_codes(model, samples, batch_size: int) -> torch.Tensor:
+    """The tokenizer's codes (n, tokens) of the samples' images, encoded batch_size at a time, on the CPU."""
+    device = next(model.parameters()).device
+    return torch.cat([model.vq.encode(images_to_tensor([s.image for s in samples[i:i + batch_size]]).to(device) * 2 - 1)
+                      for i in range(0, len(samples), batch_size)]).long().cpu()
+
+
+def _t2i_batches(model, tokenizer, captions: list[str], codes: torch.Tensor, drop: bool, batch_size: int):
+    """T2I batches on the model's device: each caption's prefix (the null caption where `drop`) and its codes."""
+    device = next(model.parameters()).device
+    for i in range(0, len(captions), batch_size):
+        prefixes = [t2i_prefix(tokenizer, c, model.config.max_caption_tokens) for c in captions[i:i + batch_size]]
+        yield T2IBatch.collate(prefixes, codes[i:i + batch_size], tokenizer.special, [drop] * len(prefixes)).to(device)
+
+
 def caption_information(model, tokenizer, world, split: str = "test", n_images: int = 50, batch_size: int = 32
                         ) -> dict:
     """How much the model's image codes depend on the caption, in nats per code (the loss as trained), over the
@@ -110,7 +121,6 @@ def caption_information(model, tokenizer, world, split: str = "test", n_images: 
     own: what the caption tells the model; 'guidance_gap' = null - own: the difference guidance amplifies."""
     if n_images < 2:
         raise ValueError(f"caption_information needs at least 2 images, got {n_images}")
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     samples = [world.sample(split, i) for i in range(n_images)]
@@ -120,14 +130,10 @@ def caption_information(model, tokenizer, world, split: str = "test", n_images: 
         rows["null"] = (own, True)
     out = {"null": None}
     with torch.no_grad():
-        codes = torch.cat([model.vq.encode(images_to_tensor([s.image for s in samples[i:i + batch_size]]).to(device)
-                                           * 2 - 1) for i in range(0, n_images, batch_size)]).long().cpu()
+        codes = _image_codes(model, samples, batch_size)
         for name, (captions, drop) in rows.items():
             total, count = 0.0, 0
-            for i in range(0, n_images, batch_size):
-                prefixes = [t2i_prefix(tokenizer, c, model.config.max_caption_tokens) for c in captions[i:i + batch_size]]
-                batch = T2IBatch.collate(prefixes, codes[i:i + batch_size], tokenizer.special,
-                                         [drop] * len(prefixes)).to(device)
+            for batch in _t2i_batches(model, tokenizer, captions, codes, drop, batch_size):
                 result = model.forward_t2i(batch, reduction="sum")
                 total, count = total + float(result[1]), count + int(result[2])
             out[name] = total / count

@@ -198,7 +198,9 @@ class Mamba2Backbone(nn.Module):
         return self._final_norm(hidden, residual)
 
     def _fused_weights(self, task: str | None) -> list[Tensor] | None:
-        """Each layer's in_proj weight for `task` when every layer can take the fused step, else None."""
+        """Each layer's in_proj weight for `task` when every layer can take the fused step, else None. Asked
+        again on every eager step (a few attribute reads per layer), since a route may be merged or unmerged
+        between steps; a CUDA-graph replay skips it."""
         if not getattr(self.layers[0].mixer.kernels, "FUSED_DECODE", False) or not self.config.residual_in_fp32:
             return None
         from ..ops import fused_step
