@@ -54,7 +54,16 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--proj", choices=["default", "gemv", "dot"], default="default",
+                    help="the few-rows path's projections on CUDA cores (gemv) or tensor cores (dot) "
+                    "(default: CUDA cores for one row, the committed choice for more)")
     a = ap.parse_args()
+    if a.proj != "default":  # the same launches for every row count
+        dot = a.proj == "dot"
+        fs = fused_step
+        fs._IN_TILE = fs._IN_TILE_ONE_ROW = fs._IN_TILE if dot else fs._IN_TILE_ONE_ROW
+        fs._OUT_TILE = fs._OUT_TILE_ONE_ROW = ({"DOT": True, "BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4,
+                                                "num_stages": 3} if dot else fs._OUT_TILE_ONE_ROW)
     print(json.dumps(compare(a.batch, getattr(torch, a.dtype), a.device, a.steps)))
 
 

@@ -1,8 +1,10 @@
 """A Mamba-2 layer's decode step in three or five Triton kernels (GPU); the unfused step (`Mamba2Block.step`
 over the reference kernels) is its spec, and `decode_step` must match it in tests.
 
-Up to GEMV_ROWS rows (a batch-1 text answer, a few streams): the projections are GEMVs on CUDA cores, and
-each layer is three kernels, the residual stream travelling as h (float32) and its sums of squares:
+Up to GEMV_ROWS rows (a batch-1 text answer, a few streams): each projection is one kernel with its norm, its
+products on CUDA cores (one row) or on tensor cores with the rows padded to 16 (more rows, 16-bit weights; the
+tile table below), and each layer is three kernels, the residual stream travelling as h (float32) and its sums
+of squares:
 
     in_proj   x = RMSNorm(h) * w_norm (rstd from the sums of squares), rounded to the weight dtype;
               zxbcdt = x @ W_in^T; the xBC columns go on through the conv step (state shifted in place) + SiLU
@@ -34,7 +36,6 @@ from .triton_step import _ssd_decode_kernel
 
 D_CONV = 4
 GEMV_ROWS = 8  # batch sizes up to this take the GEMV path
-_GEMV_OUT_BLOCK_N = 8  # out_proj's GEMV column tile, fixed: the next norm reads one sum of squares per tile
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -51,7 +52,18 @@ def supports(config, in_weight: Tensor, out_weight: Tensor, biases: bool) -> boo
 # cover the GPU twice (in_proj: 8512 / 32 columns; out_proj: 2048 / 8) and about 16 KB of weights per loop
 # step; GEMV tiles hold BLOCK_M x BLOCK_N x BLOCK_K float32 products, kept to 8k (64 per thread).
 _GEMV_PRODUCTS = 8192
-_IN_GEMV_BLOCK_N = 32
+# The few-rows projections' launches, by rows: DOT runs the products on tensor cores (rows padded to 16), else
+# on CUDA cores; BLOCK_K None: _gemv_block_k's choice. Measured on an H200 at the 1.3B shape (bf16, graphed, 8
+# weight copies so L2 holds none; benchmarks/fused_step_tiles.py, results/fused_step_tiles.json), us per call:
+#   in_proj (K 2048, N 8512)   1 row 14.3 CUDA cores / 15.0 best tensor-core tile; 2, 4, 8 rows 22.7, 31.0, 52.3 / 16.1
+#   out_proj (K 4096, N 2048)  1 row 8.7 / 12.1; 2 rows 11.1 / 12.1; 4, 8 rows 17.8, 28.6 / 12.1
+_IN_TILE_ONE_ROW = {"DOT": False, "BLOCK_N": 32, "BLOCK_K": None, "num_warps": 4, "num_stages": 3}
+_IN_TILE = {"DOT": True, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}  # 2 rows and more
+_OUT_GEMV_ROWS = 2  # out_proj on CUDA cores up to this many rows
+_OUT_TILE_ONE_ROW = {"DOT": False, "BLOCK_N": 8, "BLOCK_K": None, "num_warps": 4, "num_stages": 2}
+_OUT_TILE = {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
+# float32 weights (a test or reference mode) keep the CUDA-core tiles: the tensor-core ones would need 128-144 KB
+# of shared memory there, more than many GPUs have.
 _DOT_TILE = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 _K_GRANULE = _DOT_TILE["BLOCK_K"]  # out_proj's K slices are whole numbers of K tiles
 
@@ -131,25 +143,32 @@ def _norm_kernel(parts, stride_pp, stride_pm, res, stride_rm, res_out, x_out, we
 @triton.jit
 def _in_proj_gemv_kernel(h, stride_hm, sumsq, n_sumsq, norm_w, eps, w, out, conv, conv_w, conv_b,
                          M, N, K, conv_lo, conv_hi, stride_cm, stride_cc, stride_cw,
-                         HAS_CONV_BIAS: tl.constexpr, BLOCK_SS: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out (M, N) = RMSNorm(h) @ w^T; the columns in [conv_lo, conv_hi) then take the conv step + SiLU."""
+                         HAS_CONV_BIAS: tl.constexpr, BLOCK_SS: tl.constexpr, DOT: tl.constexpr,
+                         IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out (M, N) = RMSNorm(h) @ w^T; the columns in [conv_lo, conv_hi) then take the conv step + SiLU.
+    DOT: the products on tensor cores (the rows padded to BLOCK_M >= 16), else on CUDA cores."""
     pid_n = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mm, mn = rm < M, rn < N
     rstd = _rstd(sumsq, n_sumsq, rm, mm, K, eps, BLOCK_SS)
-    acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc3 = tl.zeros([BLOCK_M, BLOCK_N, 1 if DOT else BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         mk = rk < K
         ht = tl.load(h + rm[:, None] * stride_hm + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
         g = tl.load(norm_w + rk, mask=mk, other=0.0).to(tl.float32)
         # the normed input rounded to the weight dtype, as the unfused step feeds its GEMM
-        xt = (ht.to(tl.float32) * rstd[:, None] * g[None, :]).to(w.dtype.element_ty).to(tl.float32)
+        xt = (ht.to(tl.float32) * rstd[:, None] * g[None, :]).to(w.dtype.element_ty)
         wt = tl.load(w + rn[:, None] * K + rk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
-        acc3 = _mac_gemv(acc3, xt, wt)
-    v = tl.sum(acc3, axis=2).to(out.dtype.element_ty).to(tl.float32)  # in_proj's output as the unfused step has it
+        if DOT:
+            acc = _mac_dot(acc, xt, wt, IEEE)
+        else:
+            acc3 = _mac_gemv(acc3, xt.to(tl.float32), wt)
+    if not DOT:
+        acc = tl.sum(acc3, axis=2)
+    v = acc.to(out.dtype.element_ty).to(tl.float32)  # in_proj's output as the unfused step has it
     is_conv = (rn >= conv_lo) & (rn < conv_hi) & mn
     y = _conv_update(v, rm, tl.where(is_conv, rn - conv_lo, 0), mm[:, None] & is_conv[None, :], is_conv,
                      conv, conv_w, conv_b, stride_cm, stride_cc, stride_cw, HAS_CONV_BIAS)
@@ -185,7 +204,7 @@ def _conv_kernel(zx, stride_zm, conv, conv_w, conv_b, M, conv_lo, n_conv, stride
 
 @triton.jit
 def _out_proj_body(y, sumsq, n_sumsq, gnorm_w, eps, w, out, res, stride_rm, sumsq_out, M, N, K, k_split,
-                   GEMV: tl.constexpr, IEEE: tl.constexpr, BLOCK_SS: tl.constexpr,
+                   GEMV: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr, BLOCK_SS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -211,7 +230,7 @@ def _out_proj_body(y, sumsq, n_sumsq, gnorm_w, eps, w, out, res, stride_rm, sums
     if GEMV:
         acc = tl.sum(acc3, axis=2)
     omask = mm[:, None] & mn[None, :]
-    if GEMV:  # h' = h + out_proj(...), and its sums of squares over this column tile
+    if RESIDUAL:  # h' = h + out_proj(...), and its sums of squares over this column tile
         acc += tl.load(res + rm[:, None] * stride_rm + rn[None, :], mask=omask, other=0.0).to(tl.float32)
         tl.store(out + rm[:, None] * N + rn[None, :], acc, mask=omask)
         tl.store(sumsq_out + rm * tl.num_programs(0) + pid_n, tl.sum(acc * acc, axis=1), mask=mm)
@@ -223,8 +242,10 @@ def _out_proj_body(y, sumsq, n_sumsq, gnorm_w, eps, w, out, res, stride_rm, sums
 def _out_proj_gemv_kernel(y, sumsq, n_sumsq, gnorm_w, eps, w, out, res, stride_rm, sumsq_out, M, N, K, k_split,
                           GEMV: tl.constexpr, IEEE: tl.constexpr, BLOCK_SS: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The few-rows path's out_proj: residual added, sums of squares per column tile; GEMV: products on CUDA
+    cores, else on tensor cores (rows padded to BLOCK_M >= 16)."""
     _out_proj_body(y, sumsq, n_sumsq, gnorm_w, eps, w, out, res, stride_rm, sumsq_out, M, N, K, k_split,
-                   GEMV, IEEE, BLOCK_SS, BLOCK_M, BLOCK_N, BLOCK_K)
+                   GEMV, True, IEEE, BLOCK_SS, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -232,7 +253,7 @@ def _out_proj_dot_kernel(y, sumsq, n_sumsq, gnorm_w, eps, w, out, M, N, K, k_spl
                          GEMV: tl.constexpr, IEEE: tl.constexpr, BLOCK_SS: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     _out_proj_body(y, sumsq, n_sumsq, gnorm_w, eps, w, out, out, 0, out, M, N, K, k_split,
-                   GEMV, IEEE, BLOCK_SS, BLOCK_M, BLOCK_N, BLOCK_K)
+                   GEMV, False, IEEE, BLOCK_SS, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 # --- launchers -----------------------------------------------------------------------------------------------
@@ -276,21 +297,26 @@ def _check_conv(conv_state: Tensor, conv_weight: Tensor) -> None:
 
 
 def in_proj_gemv(h: Tensor, sumsq: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, conv_state: Tensor,
-                 conv_weight: Tensor, conv_bias: Tensor | None, conv_lo: int) -> Tensor:
+                 conv_weight: Tensor, conv_bias: Tensor | None, conv_lo: int, tile: dict | None = None) -> Tensor:
     """RMSNorm(h) (M <= GEMV_ROWS, K), its rstd from the row sums of squares sumsq (M, n), @ weight (N, K)^T ->
     (M, N) in the weight's dtype, the columns [conv_lo, conv_lo + C) through the conv step + SiLU;
-    conv_state (M, C, 4) shifted in place, conv_weight (C, 4)."""
+    conv_state (M, C, 4) shifted in place, conv_weight (C, 4). `tile`: the launch (default: `_IN_TILE_ONE_ROW`
+    for one row or float32 weights, else `_IN_TILE`)."""
     m, k = h.shape
     n = weight.size(0)
     _check_conv(conv_state, conv_weight)
     out = torch.empty(m, n, device=h.device, dtype=weight.dtype)
-    bm, bn = _block_m(m), _IN_GEMV_BLOCK_N
+    tile = dict(tile or (_IN_TILE_ONE_ROW if m == 1 or weight.dtype == torch.float32 else _IN_TILE))
+    dot = tile.pop("DOT")
+    bm = max(16, _block_m(m)) if dot else _block_m(m)
+    bn = tile.pop("BLOCK_N")
+    bk = tile.pop("BLOCK_K", None) or _gemv_block_k(bm, bn, k)
     _in_proj_gemv_kernel[(triton.cdiv(n, bn),)](
         h, h.stride(0), sumsq, sumsq.size(1), norm_weight, eps, weight, out, conv_state, conv_weight,
         conv_bias if conv_bias is not None else conv_weight, m, n, k, conv_lo, conv_lo + conv_state.size(1),
         conv_state.stride(0), conv_state.stride(1), conv_weight.stride(0), HAS_CONV_BIAS=conv_bias is not None,
-        BLOCK_SS=triton.next_power_of_2(sumsq.size(1)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=_gemv_block_k(bm, bn, k),
-        num_warps=4, num_stages=3)
+        BLOCK_SS=triton.next_power_of_2(sumsq.size(1)), DOT=dot, IEEE=weight.dtype == torch.float32,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **tile)
     return out
 
 
@@ -334,20 +360,24 @@ def ssm_gate(state: Tensor, zxbcdt: Tensor, d_inner: int, d_state: int, A_log: T
     return y, sumsq
 
 
-def out_proj_residual(y: Tensor, sumsq: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, h: Tensor
-                      ) -> tuple[Tensor, Tensor]:
+def out_proj_residual(y: Tensor, sumsq: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, h: Tensor,
+                      tile: dict | None = None) -> tuple[Tensor, Tensor]:
     """GEMV path: h + (gated RMSNorm of y, from its sums of squares) @ weight (N, K)^T. Returns the new h
-    (M, N) float32 and its sums of squares per column tile (M, N / 8)."""
+    (M, N) float32 and its sums of squares per column tile (M, N / BLOCK_N). `tile`: the launch (default:
+    `_OUT_TILE_ONE_ROW` up to `_OUT_GEMV_ROWS` rows or for float32 weights, else `_OUT_TILE`)."""
     m, k = y.shape
     n = weight.size(0)
-    tiles = triton.cdiv(n, _GEMV_OUT_BLOCK_N)
+    tile = dict(tile or (_OUT_TILE_ONE_ROW if m <= _OUT_GEMV_ROWS or weight.dtype == torch.float32 else _OUT_TILE))
+    dot, bn = tile.pop("DOT"), tile.pop("BLOCK_N")
+    bm = max(16, _block_m(m)) if dot else _block_m(m)
+    bk = tile.pop("BLOCK_K", None) or _gemv_block_k(bm, bn, k)
+    tiles = triton.cdiv(n, bn)
     out = torch.empty(m, n, device=y.device, dtype=torch.float32)
     sumsq_out = torch.empty(m, tiles, device=y.device, dtype=torch.float32)
-    bm, bn = _block_m(m), _GEMV_OUT_BLOCK_N
     _out_proj_gemv_kernel[(tiles, 1, 1)](y, sumsq, sumsq.size(1), norm_weight, eps, weight, out, h, h.stride(0),
-                                         sumsq_out, m, n, k, k, GEMV=True, IEEE=False,
+                                         sumsq_out, m, n, k, k, GEMV=not dot, IEEE=weight.dtype == torch.float32,
                                          BLOCK_SS=triton.next_power_of_2(sumsq.size(1)), BLOCK_M=bm, BLOCK_N=bn,
-                                         BLOCK_K=_gemv_block_k(bm, bn, k), num_warps=4, num_stages=2)
+                                         BLOCK_K=bk, **tile)
     return out, sumsq_out
 
 
@@ -382,6 +412,7 @@ def decode_step(blocks, in_weights: list[Tensor], embeds: Tensor, conv: Tensor, 
                                   mix.conv1d.bias, c.d_inner)
             y, ssq = ssm_gate(ssm[i], zxbcdt, c.d_inner, c.d_state, mix.A_log, mix.D, mix.dt_bias, c.dt_limit)
             h, sumsq = out_proj_residual(y, ssq, mix.norm.weight, mix.norm.eps, mix.out_proj.weight, h)
+        # one kernel reading h once; taking the last out_proj's sums of squares instead would save arithmetic only
         return norm(h[None], None, final_weight, final_eps)[0]
     parts, residual = embeds[None], None
     for i, (block, w) in enumerate(zip(blocks, in_weights)):
