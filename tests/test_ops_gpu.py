@@ -225,3 +225,14 @@ def test_activation_checkpointing_gives_the_plain_gradients_on_the_fast_path(dty
     assert grads[True].keys() == grads[False].keys()
     for name, g in grads[False].items():
         assert rel(grads[True][name], g) < tol, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the pins apply to Hopper GPUs")
+def test_every_fla_pin_finds_its_kernel_and_configuration(monkeypatch):
+    from omnimamba.ops import fla_pins
+
+    monkeypatch.delenv("OMNIMAMBA_FLA_AUTOTUNE", raising=False)
+    fla_pins.pin.cache_clear()
+    pinned = fla_pins.pin()
+    assert len(pinned) == len(fla_pins.PINS), set(f"{m}.{n}" for m, n in fla_pins.PINS) - set(pinned)

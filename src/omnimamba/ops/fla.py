@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
+from .fla_pins import pin as _pin_configs
 from .reference import ssd_step  # noqa: F401
 
 
@@ -119,6 +120,8 @@ def ssd_chunked(
     """Same contract as `reference.ssd_chunked`; fla picks its own chunk size (the result does not depend
     on it). Where a gradient is needed and fla's backward is refused at these sizes (see `scan_backward`),
     the reference scan runs instead, with a warning once."""
+    _pin_configs()  # Hopper: one launch configuration per kernel instead of autotuning (ops/fla_pins.py)
+ # Hopper: one launch configuration per kernel instead of autotuning (ops/fla_pins.py)
     tensors = (x, dt, A, B, C, D, initial_state)
     route = "fla"
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
@@ -148,6 +151,7 @@ def ssd_chunked(
 def causal_conv(x: Tensor, weight: Tensor, bias: Tensor | None, initial_state: Tensor | None = None
                 ) -> tuple[Tensor, Tensor]:
     """Same contract as `reference.causal_conv`: x (b, l, c), weight (c, k), state (b, c, k)."""
+    _pin_configs()
     from fla.modules.causal_conv1d import causal_conv1d
 
     w = weight.to(x.dtype).contiguous()
@@ -159,6 +163,7 @@ def causal_conv(x: Tensor, weight: Tensor, bias: Tensor | None, initial_state: T
 
 def conv_step(state: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """Same contract as `reference.conv_step`: shifts `state` (b, c, k) in place, x (b, c) -> (b, c)."""
+    _pin_configs()
     from fla.modules.causal_conv1d import causal_conv1d_update
 
     y, _ = causal_conv1d_update(x.to(state.dtype).contiguous(), state, weight=weight.to(state.dtype).contiguous(),
@@ -180,6 +185,7 @@ def add_rmsnorm(
     x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, residual_in_fp32: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Same contract as `reference.add_rmsnorm`: one fused kernel (fla's prenorm RMSNorm), with backward."""
+    _pin_configs()
     from fla.modules.norm.layernorm import rms_norm
 
     normed, residual = rms_norm(x, weight, None, residual=residual, eps=eps, prenorm=True,
