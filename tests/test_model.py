@@ -9,7 +9,7 @@ from omnimamba.errors import UserError
 from omnimamba.lora import TaskLoRALinear
 from omnimamba.mamba2 import Mamba2LM
 from omnimamba.model import OmniMamba, cfg_logits, preset
-from omnimamba.sequence import MMUBatch, T2IBatch, mmu_example, pad_left, t2i_prefix
+from omnimamba.sequence import IGNORE_INDEX, MMUBatch, T2IBatch, mmu_example, pad_left, t2i_prefix
 from omnimamba.tokenizer import TextTokenizer
 
 TOK = TextTokenizer.shapes()
@@ -29,6 +29,23 @@ def t2i_batch():
     captions = ["a red circle", "two blue squares left of a green triangle"]
     return T2IBatch.collate([t2i_prefix(TOK, c, 24) for c in captions], torch.randint(0, 256, (2, 256)),
                             TOK.special)
+
+
+def test_mmu_text_padded_to_a_multiple_changes_neither_the_loss_nor_the_logits_before_the_padding():
+    model = make_model().eval()
+    turns = [("how many circles are there?", "two"), ("what color is the square?", "red")]
+    examples = [mmu_example(TOK, [t]) for t in turns]
+    pixels = torch.rand(2, 3, 64, 64)
+    plain = MMUBatch.collate(pixels, examples, TOK.special)
+    padded = MMUBatch.collate(pixels, examples, TOK.special, multiple=32)
+    width = plain.text_ids.size(1)
+    assert padded.text_ids.size(1) % 32 == 0 and padded.text_ids.size(1) > width
+    assert (padded.labels[:, width:] == IGNORE_INDEX).all() and (padded.text_ids[:, width:] == TOK.special.pad).all()
+    with torch.no_grad():
+        a, b = model.forward_mmu(plain, reduction="sum"), model.forward_mmu(padded, reduction="sum")
+    assert int(a[2]) == int(b[2])
+    torch.testing.assert_close(b[1], a[1])
+    torch.testing.assert_close(b[0][:, :width], a[0])
 
 
 def test_mixed_batch_forward_and_loss_backward():

@@ -114,8 +114,9 @@ def t2i_prefix(tokenizer, caption: str, max_caption_tokens: int) -> tuple[list[i
     return ids, [False, False] + [False] * len(pad) + [True] * len(text) + [False, False]
 
 
-def pad_right(seqs: list[list[int]], value: int) -> Tensor:
-    width = max(len(s) for s in seqs)
+def pad_right(seqs: list[list[int]], value: int, multiple: int = 1) -> Tensor:
+    """(b, width) right-padded with `value`; width: the longest sequence rounded up to a multiple of `multiple`."""
+    width = -(-max(len(s) for s in seqs) // multiple) * multiple
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
 
 
@@ -141,9 +142,12 @@ class MMUBatch:
     labels: Tensor        # (b, T) IGNORE_INDEX on prompt and padding
 
     @classmethod
-    def collate(cls, pixel_values: Tensor, examples: list[MMUExample], special: SpecialIds) -> "MMUBatch":
-        return cls(pixel_values, pad_right([e.text_ids for e in examples], special.pad),
-                   pad_right([e.labels for e in examples], IGNORE_INDEX))
+    def collate(cls, pixel_values: Tensor, examples: list[MMUExample], special: SpecialIds, multiple: int = 1
+                ) -> "MMUBatch":
+        """`multiple`: the text padded to a multiple of this many positions (the padding is never a target, and
+        a causal model's outputs before it do not change), so that batches come in few lengths."""
+        return cls(pixel_values, pad_right([e.text_ids for e in examples], special.pad, multiple),
+                   pad_right([e.labels for e in examples], IGNORE_INDEX, multiple))
 
     def to(self, device) -> "MMUBatch":
         return MMUBatch(self.pixel_values.to(device), self.text_ids.to(device), self.labels.to(device))

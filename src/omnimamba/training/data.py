@@ -77,13 +77,14 @@ class FileMMU:
         raise UserError("no readable image in the MMU data")
 
 
-def mmu_batch(source, tokenizer, indices: list[int]) -> MMUBatch:
+def mmu_batch(source, tokenizer, indices: list[int], multiple: int = 1) -> MMUBatch:
+    """`multiple`: text lengths rounded up to a multiple of it (see `MMUBatch.collate`)."""
     images, examples = [], []
     for i in indices:
         image, turns = source.example(i)
         images.append(image)
         examples.append(mmu_example(tokenizer, turns))
-    return MMUBatch.collate(images_to_tensor(images), examples, tokenizer.special)
+    return MMUBatch.collate(images_to_tensor(images), examples, tokenizer.special, multiple)
 
 
 # --- T2I ---------------------------------------------------------------------------------------------------

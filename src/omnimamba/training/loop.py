@@ -35,6 +35,9 @@ def _print(*args, **kwargs):
     print(*args, **kwargs, flush=True)
 
 
+GPU_LENGTH_MULTIPLE = 32
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, log=_print):
         self.cfg = config
@@ -66,6 +69,14 @@ class Trainer:
         self._sharded_once = False
 
     # --- set-up -------------------------------------------------------------------------------------
+    @property
+    def length_multiple(self) -> int:
+        """MMU text lengths are padded to a multiple of this: on a GPU 32, since some of fla's kernels compile
+        anew for every batch length (its RMSNorm backward takes rows per program as a compile-time constant:
+        one to two seconds per new length, seen as steps of 1.4-2.7 s among steps of 0.13 s on an H200); on a
+        CPU 1 (nothing compiles, and padding would only add work)."""
+        return GPU_LENGTH_MULTIPLE if self.device.type == "cuda" else 1
+
     def _device(self) -> torch.device:
         want = self.cfg.run.device
         if want == "auto":
@@ -233,15 +244,21 @@ class Trainer:
             return model
         return wrap_ddp(model, self.device)
 
-    def _forward_backward(self, engine, step: int, stage: StageConfig) -> tuple[dict[str, float], int]:
+    def _forward_backward(self, engine, step: int, stage: StageConfig, batches=None) -> tuple[dict, int]:
         """The step's gradients (accumulated over micro-batches), each task's loss, and the sequence positions
-        processed here (image features included)."""
+        processed here (image features included); `batches`: the step's `_batches`, when built already."""
+        micro, tokens = batches if batches is not None else self._batches(step, stage)
+        logs = forward_backward(engine, micro, self.device, self.precision_ctx, self.world_size, self.distributed)
+        return logs, tokens
+
+    def _batches(self, step: int, stage: StageConfig) -> tuple[list, int]:
+        """This process's micro-batches of `step` (on the CPU) and the sequence positions they hold."""
         c, cfg = self.cfg, self.model.config
         mmu = share(step, stage.batch[0], self.rank, self.world_size) if stage.batch[0] else []
         t2i = share(step, stage.batch[1], self.rank, self.world_size) if stage.batch[1] else []
         micro, tokens = [], 0
         for m, t in micro_splits(mmu, t2i, c.run.micro_batch):
-            mb = mmu_batch(self.mmu_source, self.tokenizer, m) if m else None
+            mb = mmu_batch(self.mmu_source, self.tokenizer, m, self.length_multiple) if m else None
             bt = t2i_batch(self.t2i_source, self.tokenizer, t, cfg.max_caption_tokens, cfg.caption_dropout,
                            c.run.seed) if t else None
             micro.append((mb, bt))
@@ -249,8 +266,7 @@ class Trainer:
                 tokens += mb.text_ids.numel() + mb.text_ids.size(0) * (self.model.image_positions + 4)
             if bt is not None:
                 tokens += bt.prefix_ids.numel() + bt.image_codes.numel() + bt.image_codes.size(0)
-        logs = forward_backward(engine, micro, self.device, self.precision_ctx, self.world_size, self.distributed)
-        return logs, tokens
+        return micro, tokens
 
     def run(self, resume: bool = False, only: list[str] | None = None) -> dict:
         with _deterministic_on_cpu(self.device):
@@ -319,6 +335,7 @@ class Trainer:
             tokens_since += tokens * self.world_size
             if step % c.run.log_every == 0 or step == stage.steps - 1:
                 dt = time.perf_counter() - t0
+                logs = {k: float(v) for k, v in logs.items()}
                 rec = {"stage": stage.name, "step": step, "lr": lr, "loss": sum(logs.values()), **logs,
                        "grad_norm": float(grad_norm), "tokens_per_s": tokens_since / max(dt, 1e-9)}
                 self._log_metrics(rec, index)

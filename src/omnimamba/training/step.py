@@ -59,9 +59,10 @@ def gradient_sync(engine, sync: bool):
 
 
 def forward_backward(engine, micro: list[tuple[MMUBatch | None, T2IBatch | None]], device, precision,
-                     world_size: int, distributed: bool) -> dict[str, float]:
+                     world_size: int, distributed: bool) -> dict[str, torch.Tensor]:
     """Forward and backward every micro-batch (on CPU; moved to `device` one at a time); returns each task's
-    mean loss over the step's targets, as one forward over the whole global batch reports it."""
+    mean loss over the step's targets, as one forward over the whole global batch reports it: 0-dim tensors
+    on `device`, left there so that the step never waits for the GPU (reading one does)."""
     micro = [m for m in micro if m[0] is not None or m[1] is not None]
     counts = {}
     for k, task in enumerate(("mmu", "t2i")):
@@ -71,7 +72,7 @@ def forward_backward(engine, micro: list[tuple[MMUBatch | None, T2IBatch | None]
             if distributed:
                 dist.all_reduce(counts[task])
             counts[task] = counts[task].clamp(min=1)
-    logs = {task: 0.0 for task in counts}
+    logs = {task: torch.zeros((), device=device) for task in counts}
     for i, (mb, bt) in enumerate(micro):
         with gradient_sync(engine, sync=i == len(micro) - 1):
             with precision:
@@ -82,10 +83,10 @@ def forward_backward(engine, micro: list[tuple[MMUBatch | None, T2IBatch | None]
                 if f"{task}_loss_sum" in out:
                     part = out[f"{task}_loss_sum"] / counts[task]
                     loss = loss + part * world_size
-                    logs[task] += part.item()
+                    logs[task] += part.detach()
             loss.backward()
     if distributed:
-        both = torch.tensor([logs[t] for t in counts], device=device)
+        both = torch.stack([logs[t] for t in counts])
         dist.all_reduce(both)
-        logs = dict(zip(counts, both.tolist()))
+        logs = dict(zip(counts, both.unbind()))
     return {f"{task}_loss": value for task, value in logs.items()}
