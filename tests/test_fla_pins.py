@@ -33,7 +33,7 @@ def test_narrow_keeps_exactly_the_matching_configuration_and_leaves_a_kernel_wit
     assert fla_pins._autotuner(lambda: None) is None
 
 
-def test_every_pin_names_a_kernel_parameter_layout(monkeypatch):
+def test_every_pin_names_a_kernel_parameter_layout():
     # the pins' meta-parameters are the ones fla's kernels take (BT for norms, BD for convs, BK/BV for chunks)
     for (module, name), want in fla_pins.PINS.items():
         assert module.startswith("fla.") and "kernel" in name, (module, name)

@@ -244,10 +244,10 @@ class Trainer:
             return model
         return wrap_ddp(model, self.device)
 
-    def _forward_backward(self, engine, step: int, stage: StageConfig, batches=None) -> tuple[dict, int]:
-        """The step's gradients (accumulated over micro-batches), each task's loss, and the sequence positions
-        processed here (image features included); `batches`: the step's `_batches`, when built already."""
-        micro, tokens = batches if batches is not None else self._batches(step, stage)
+    def _forward_backward(self, engine, step: int, stage: StageConfig) -> tuple[dict, int]:
+        """The step's gradients (accumulated over micro-batches), each task's loss (0-dim tensors on the
+        device), and the sequence positions processed here (image features included)."""
+        micro, tokens = self._batches(step, stage)
         logs = forward_backward(engine, micro, self.device, self.precision_ctx, self.world_size, self.distributed)
         return logs, tokens
 
