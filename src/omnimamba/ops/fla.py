@@ -121,7 +121,6 @@ def ssd_chunked(
     on it). Where a gradient is needed and fla's backward is refused at these sizes (see `scan_backward`),
     the reference scan runs instead, with a warning once."""
     _pin_configs()  # Hopper: one launch configuration per kernel instead of autotuning (ops/fla_pins.py)
- # Hopper: one launch configuration per kernel instead of autotuning (ops/fla_pins.py)
     tensors = (x, dt, A, B, C, D, initial_state)
     route = "fla"
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
