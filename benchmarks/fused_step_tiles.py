@@ -45,9 +45,7 @@ def bench(fn, reps: int) -> float:
 
 
 def tiles(in_proj: bool) -> dict:
-    gemv = ({"DOT": False, "BLOCK_N": 32, "BLOCK_K": None, "num_warps": 4, "num_stages": 3} if in_proj
-            else {"DOT": False, "BLOCK_N": 8, "BLOCK_K": None, "num_warps": 4, "num_stages": 2})
-    out = {"gemv": gemv}
+    out = {"gemv": fs._IN_TILE_ONE_ROW if in_proj else fs._OUT_TILE_ONE_ROW}  # the CUDA-core tiles
     for bn in (16, 32, 64) if in_proj else (16, 32):
         for bk in (64, 128, 256) if in_proj else (128, 256):
             for st in (3, 4):

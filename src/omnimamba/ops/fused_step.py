@@ -291,6 +291,16 @@ def norm(parts: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> 
     return x, res_out
 
 
+def _few_rows_launch(tile: dict, m: int, k: int) -> tuple[bool, dict]:
+    """A few-rows projection's tile (`_IN_TILE` and kin) for m rows and K columns: (DOT, the launch's
+    BLOCK_M / BLOCK_N / BLOCK_K / num_warps / num_stages); tensor-core tiles pad the rows to at least 16."""
+    launch = dict(tile)
+    dot = launch.pop("DOT")
+    launch["BLOCK_M"] = max(16, _block_m(m)) if dot else _block_m(m)
+    launch["BLOCK_K"] = launch.get("BLOCK_K") or _gemv_block_k(launch["BLOCK_M"], launch["BLOCK_N"], k)
+    return dot, launch
+
+
 def _check_conv(conv_state: Tensor, conv_weight: Tensor) -> None:
     if conv_state.size(-1) != D_CONV or conv_state.stride(-1) != 1 or conv_weight.stride(-1) != 1:
         raise ValueError(f"the fused step needs a conv of width {D_CONV} with a contiguous last dimension")
@@ -306,17 +316,13 @@ def in_proj_gemv(h: Tensor, sumsq: Tensor, norm_weight: Tensor, eps: float, weig
     n = weight.size(0)
     _check_conv(conv_state, conv_weight)
     out = torch.empty(m, n, device=h.device, dtype=weight.dtype)
-    tile = dict(tile or (_IN_TILE_ONE_ROW if m == 1 or weight.dtype == torch.float32 else _IN_TILE))
-    dot = tile.pop("DOT")
-    bm = max(16, _block_m(m)) if dot else _block_m(m)
-    bn = tile.pop("BLOCK_N")
-    bk = tile.pop("BLOCK_K", None) or _gemv_block_k(bm, bn, k)
-    _in_proj_gemv_kernel[(triton.cdiv(n, bn),)](
+    dot, launch = _few_rows_launch(
+        tile or (_IN_TILE_ONE_ROW if m == 1 or weight.dtype == torch.float32 else _IN_TILE), m, k)
+    _in_proj_gemv_kernel[(triton.cdiv(n, launch["BLOCK_N"]),)](
         h, h.stride(0), sumsq, sumsq.size(1), norm_weight, eps, weight, out, conv_state, conv_weight,
         conv_bias if conv_bias is not None else conv_weight, m, n, k, conv_lo, conv_lo + conv_state.size(1),
         conv_state.stride(0), conv_state.stride(1), conv_weight.stride(0), HAS_CONV_BIAS=conv_bias is not None,
-        BLOCK_SS=triton.next_power_of_2(sumsq.size(1)), DOT=dot, IEEE=weight.dtype == torch.float32,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **tile)
+        BLOCK_SS=triton.next_power_of_2(sumsq.size(1)), DOT=dot, IEEE=weight.dtype == torch.float32, **launch)
     return out
 
 
@@ -325,8 +331,6 @@ def conv_columns(zx: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias:
     """In place: zx[:, conv_lo:conv_lo + C] (M, C) through the conv step + SiLU; conv_state (M, C, 4) shifted."""
     _check_conv(conv_state, conv_weight)
     m, n_conv = conv_state.size(0), conv_state.size(1)
-    if conv_state.stride(-1) != 1 or conv_state.size(-1) != D_CONV:
-        raise ValueError("conv_columns needs a conv state of width 4 with a contiguous last dimension")
     block_c = 256
     _conv_kernel[(triton.cdiv(n_conv, block_c), m)](
         zx, zx.stride(0), conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight,
@@ -367,17 +371,14 @@ def out_proj_residual(y: Tensor, sumsq: Tensor, norm_weight: Tensor, eps: float,
     `_OUT_TILE_ONE_ROW` up to `_OUT_GEMV_ROWS` rows or for float32 weights, else `_OUT_TILE`)."""
     m, k = y.shape
     n = weight.size(0)
-    tile = dict(tile or (_OUT_TILE_ONE_ROW if m <= _OUT_GEMV_ROWS or weight.dtype == torch.float32 else _OUT_TILE))
-    dot, bn = tile.pop("DOT"), tile.pop("BLOCK_N")
-    bm = max(16, _block_m(m)) if dot else _block_m(m)
-    bk = tile.pop("BLOCK_K", None) or _gemv_block_k(bm, bn, k)
-    tiles = triton.cdiv(n, bn)
+    dot, launch = _few_rows_launch(
+        tile or (_OUT_TILE_ONE_ROW if m <= _OUT_GEMV_ROWS or weight.dtype == torch.float32 else _OUT_TILE), m, k)
+    tiles = triton.cdiv(n, launch["BLOCK_N"])
     out = torch.empty(m, n, device=y.device, dtype=torch.float32)
     sumsq_out = torch.empty(m, tiles, device=y.device, dtype=torch.float32)
     _out_proj_gemv_kernel[(tiles, 1, 1)](y, sumsq, sumsq.size(1), norm_weight, eps, weight, out, h, h.stride(0),
                                          sumsq_out, m, n, k, k, GEMV=not dot, IEEE=weight.dtype == torch.float32,
-                                         BLOCK_SS=triton.next_power_of_2(sumsq.size(1)), BLOCK_M=bm, BLOCK_N=bn,
-                                         BLOCK_K=bk, **tile)
+                                         BLOCK_SS=triton.next_power_of_2(sumsq.size(1)), **launch)
     return out, sumsq_out
 
 
