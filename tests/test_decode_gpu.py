@@ -100,6 +100,17 @@ def test_fused_step_matches_the_unfused_step_float32(batch):
     assert errors["conv"] < 1e-5 and errors["ssm"] < 1e-6, errors
 
 
+# 16-bit weights: one row on CUDA cores; in_proj on tensor cores from 2 rows, out_proj from 3 (ops/fused_step.py)
+@pytest.mark.parametrize("batch", [1, 2, 3, 8])
+def test_fused_step_matches_the_unfused_step_bf16(batch):
+    from helpers.fused_step_parity import compare
+
+    errors = compare(batch, torch.bfloat16, "cuda")
+    assert errors["dtype"] == "torch.bfloat16", errors
+    for key in ("out", "conv", "ssm"):  # a few bf16 roundings apart, relative to the values' size
+        assert errors[key] < 2e-2 * errors[f"{key}_scale"], (key, errors)
+
+
 @torch.no_grad()
 def test_decode_takes_the_fused_step_and_it_matches_the_unfused_one_in_bf16():
     """The bf16 model's teacher-forced logits, fused and unfused, each against float32 truth."""

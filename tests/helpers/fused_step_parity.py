@@ -16,7 +16,8 @@ from omnimamba.ops import fused_step
 
 
 def compare(batch: int, dtype: torch.dtype, device: str, steps: int = 3) -> dict:
-    """The largest absolute differences fused - unfused over `steps` decode steps after a 5-token prefill."""
+    """The largest absolute differences fused - unfused over `steps` decode steps after a 5-token prefill, and the
+    largest magnitudes of the unfused values (`out_scale`, `conv_scale`, `ssm_scale`)."""
     torch.manual_seed(0)
     cfg = Mamba2Config(d_model=64, n_layer=2, vocab_size=100, pad_vocab_size_multiple=8, headdim=16, d_state=32,
                        chunk_size=16, conv_bias=True)
@@ -31,21 +32,22 @@ def compare(batch: int, dtype: torch.dtype, device: str, steps: int = 3) -> dict
     bb = model.backbone
     ref_cache, fused_cache = model.allocate_cache(batch), model.allocate_cache(batch)
     errors = {"out": 0.0, "conv": 0.0, "ssm": 0.0}
+    scales = dict.fromkeys(errors, 0.0)
     with torch.no_grad():
         prompt = torch.randint(0, cfg.vocab_size, (batch, 5), device=device)
         model(prompt, cache=ref_cache)
         model(prompt, cache=fused_cache)
-        scale = 0.0
         for _ in range(steps):
             emb = bb.embedding(torch.randint(0, cfg.vocab_size, (batch,), device=device))
             ref = bb.step(emb, ref_cache)
             out = fused_step.decode_step(bb.layers, [b.mixer.in_proj.weight for b in bb.layers], emb,
                                          fused_cache.conv, fused_cache.ssm, bb.norm_f.weight, bb.norm_f.eps)
-            scale = max(scale, ref.float().abs().max().item())
             for key, (x, y) in {"out": (out, ref), "conv": (fused_cache.conv, ref_cache.conv),
                                 "ssm": (fused_cache.ssm, ref_cache.ssm)}.items():
                 errors[key] = max(errors[key], (x.float() - y.float()).abs().max().item())
-    return {**errors, "out_scale": scale, "dtype": str(out.dtype), "shape": list(out.shape)}
+                scales[key] = max(scales[key], y.float().abs().max().item())
+    return {**errors, **{f"{k}_scale": v for k, v in scales.items()}, "dtype": str(out.dtype),
+            "shape": list(out.shape)}
 
 
 def main() -> None:
