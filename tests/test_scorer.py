@@ -88,3 +88,24 @@ def test_chance_baselines(world):
         assert b["mmu_always_yes"]["pope"][kind]["accuracy"] == pytest.approx(0.5)
     assert b["t2i_ground_truth"]["overall"] >= 0.99 and b["t2i_random_image"]["overall"] <= 0.1
     assert 0.2 < b["mmu_most_frequent_answer"]["accuracy"]["overall"] < 0.6
+
+
+def test_t2i_failure_names_what_is_wrong():
+    from omnimamba.data.shapes import Shape, ShapesConfig, render
+    from omnimamba.evaluation.shapes_scorer import t2i_failure
+
+    cfg = ShapesConfig()
+    red_sq = Shape("square", "red", "large", 16, 32, 9)
+    blue_ci = Shape("circle", "blue", "large", 48, 32, 9)
+    draw = lambda *objects: render(list(objects), cfg)
+    pair = parse_prompt("a red square left of a blue circle")
+    assert t2i_failure(draw(red_sq, blue_ci), pair) is None
+    assert t2i_failure(draw(), pair) == "nothing drawn"
+    assert t2i_failure(draw(red_sq), pair) == "too few objects"
+    assert t2i_failure(draw(red_sq, blue_ci, Shape("triangle", "green", "small", 32, 10, 6)), pair) == "too many objects"
+    assert t2i_failure(draw(red_sq, Shape("circle", "green", "large", 48, 32, 9)), pair) == "wrong colour"
+    assert t2i_failure(draw(red_sq, Shape("triangle", "blue", "large", 48, 32, 9)), pair) == "wrong shape"
+    swapped = draw(Shape("square", "red", "large", 48, 32, 9), Shape("circle", "blue", "large", 16, 32, 9))
+    assert t2i_failure(swapped, pair) == "wrong relation"
+    result = score_t2i([draw(red_sq, blue_ci), draw(), draw(red_sq)], ["a red square left of a blue circle"] * 3)
+    assert result["failures"] == {"nothing drawn": 1, "too few objects": 1} and result["position"] == 1 / 3

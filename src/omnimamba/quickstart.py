@@ -39,7 +39,7 @@ def final_report(model, tokenizer, world, out: Path, n_images: int = 100, n_prom
     round trip's scorer rate, and a picture."""
     from .evaluation.shapes_eval import (caption_information, evaluate_mmu, evaluate_t2i, save_evaluation_picture,
                                          tokenizer_round_trip)
-    from .evaluation.shapes_scorer import chance_baselines, format_baselines
+    from .evaluation.shapes_scorer import T2I_CATEGORIES, chance_baselines, format_baselines, format_failures
 
     model.eval()
     report: dict = {"baselines": chance_baselines(world, "test", n_images)}
@@ -64,10 +64,11 @@ def final_report(model, tokenizer, world, out: Path, n_images: int = 100, n_prom
             f"({', '.join(f'{k} {v:.0%}' for k, v in mmu['accuracy'].items() if k != 'overall')})")
         for kind, m in mmu["pope"].items():
             log(f"  POPE {kind:<12} acc {m['accuracy']:.1%}  F1 {m['f1']:.3f}  yes-ratio {m['yes_ratio']:.2f}")
-        kinds = ", ".join(f"{k} {t2i_cfg[k]:.0%}" for k in ("single_object", "two_object", "counting", "position")
-                          if k in t2i_cfg)
+        kinds = ", ".join(f"{k} {t2i_cfg[k]:.0%}" for k in T2I_CATEGORIES if k in t2i_cfg)
         log(f"  T2I score with guidance {guidance:g}: {t2i_cfg['overall']:.1%}   without: {t2i_plain['overall']:.1%}  "
             f"({kinds})")
+        log(f"  T2I failures of {t2i_cfg['n']} prompts, guided: {format_failures(t2i_cfg['failures'])}; "
+            f"unguided: {format_failures(t2i_plain['failures'])}")
         if split == "test":
             save_evaluation_picture(out / "quickstart.png", generated, answered, world, split, n=8)
     return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 from ..data.formats import images_to_tensor, picture_grid
 from ..inference import answer, generate_images
 from ..sequence import IGNORE_INDEX, MMUBatch, T2IBatch, mmu_example, t2i_prefix
-from .shapes_scorer import MMURecord, colours_kept, mmu_eval_set, score_mmu, score_t2i, t2i_eval_set
+from .shapes_scorer import (FAILURES, T2I_CATEGORIES, MMURecord, colours_kept, format_failures, mmu_eval_set, score_mmu,
+                            score_t2i, t2i_eval_set)
 
 
 @torch.no_grad()
@@ -115,7 +117,9 @@ def _t2i_batches(model, tokenizer, captions: list[str], codes: torch.Tensor, dro
 def caption_information(model, tokenizer, world, split: str = "test", n_images: int = 50, batch_size: int = 32
                         ) -> dict:
     """How much the model's image codes depend on the caption, in nats per code (the loss as trained), over the
-    tokenizer's codes of a split's first n_images images: under their own first caption ('own'), under the
+    tokenizer's codes of a split's first n_images images on a plain background (a textured background's noise is
+    no caption's business, and a model trained with data.shapes.t2i_plain never saw it): under their own first
+    caption ('own'), under the
     next image's caption ('other'; a lower bound where two images share a caption), and under the learned
     null caption that guidance contrasts with ('null', None for a model without one). 'information' = other -
     own: what the caption tells the model; 'guidance_gap' = null - own: the difference guidance amplifies."""
@@ -123,7 +127,8 @@ def caption_information(model, tokenizer, world, split: str = "test", n_images: 
         raise ValueError(f"caption_information needs at least 2 images, got {n_images}")
     was_training = model.training
     model.eval()
-    samples = [world.sample(split, i) for i in range(n_images)]
+    scenes = (world.sample(split, i) for i in itertools.count())
+    samples = list(itertools.islice((s for s in scenes if not s.textured), n_images))
     own = [s.captions[0] for s in samples]
     rows = {"own": (own, False), "other": (own[1:] + own[:1], False)}
     if model.caption_embed.null_caption is not None:
@@ -169,9 +174,12 @@ def guidance_sweep(model, tokenizer, world, split: str = "val", n_prompts: int =
         overall = np.array([r["overall"] for r in runs])
         row = {"mean": float(overall.mean()), "std": float(overall.std(ddof=1)) if len(runs) > 1 else 0.0,
                "per_seed": overall.tolist()}
-        for cat in runs[0]:
-            if cat not in ("overall", "per_prompt", "n"):
+        for cat in T2I_CATEGORIES:
+            if cat in runs[0]:
                 row[cat] = float(np.mean([r[cat] for r in runs]))
+        row["failures"] = {why: sum(r["failures"].get(why, 0) for r in runs) for why in FAILURES
+                           if any(why in r["failures"] for r in runs)}
         result[str(scale)] = row
-        log(f"guidance {scale:>4g}: T2I {row['mean']:.1%} ± {row['std']:.1%} over seeds {list(seeds)}")
+        log(f"guidance {scale:>4g}: T2I {row['mean']:.1%} ± {row['std']:.1%} over seeds {list(seeds)}; "
+            f"failures: {format_failures(row['failures'])}")
     return result

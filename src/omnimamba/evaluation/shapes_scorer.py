@@ -185,18 +185,48 @@ def parse_prompt(prompt: str) -> Requirement:
     return Requirement(tuple((c, s, n) for (c, s), n in sorted(counts.items())))
 
 
+# Why a generated image fails its prompt, the first that applies (t2i_failure).
+FAILURES = ("nothing drawn", "too few objects", "too many objects", "wrong colour", "wrong shape", "wrong relation")
+
+
 def check_image(image: np.ndarray, requirement: Requirement) -> bool:
+    return t2i_failure(image, requirement) is None
+
+
+def t2i_failure(image: np.ndarray, requirement: Requirement) -> str | None:
+    """None if the image meets its prompt, else why not (one of FAILURES): the scorer finds no object, fewer or
+    more objects than asked, as many but of other colours (as multisets), the right colours on other shapes, or
+    the right objects in the wrong layout."""
     found = parse_image(image)
     got = Counter((d.color, d.shape) for d in found)
     want = Counter({(c, s): n for c, s, n in requirement.counts})
     if got != want:
-        return False
+        n_got, n_want = sum(got.values()), sum(want.values())
+        if n_got == 0:
+            return "nothing drawn"
+        if n_got != n_want:
+            return "too few objects" if n_got < n_want else "too many objects"
+        return "wrong colour" if _per_colour(got) != _per_colour(want) else "wrong shape"
     if requirement.relation:
         a_name, rel, b_name = requirement.relation
         a = next(d for d in found if f"{d.color} {d.shape}" == a_name)
         b = next(d for d in found if f"{d.color} {d.shape}" == b_name)
-        return relation_holds(a.cx - b.cx, a.cy - b.cy, rel)
-    return True
+        if not relation_holds(a.cx - b.cx, a.cy - b.cy, rel):
+            return "wrong relation"
+    return None
+
+
+def format_failures(failures: dict[str, int]) -> str:
+    """'too many objects 5, wrong shape 2' (score_t2i's 'failures'), or 'none'."""
+    return ", ".join(f"{why} {n}" for why, n in failures.items()) or "none"
+
+
+def _per_colour(counts: Counter) -> Counter:
+    """{(colour, shape): n} -> {colour: n}"""
+    out: Counter = Counter()
+    for (colour, _), n in counts.items():
+        out[colour] += n
+    return out
 
 
 def relation_holds(dx: float, dy: float, rel: str) -> bool:
@@ -208,15 +238,21 @@ def relation_holds(dx: float, dy: float, rel: str) -> bool:
 
 
 def score_t2i(images: list[np.ndarray], prompts: list[str]) -> dict:
-    """GenEval-style: accuracy per category, their mean ('overall'), and the plain mean over prompts."""
+    """GenEval-style: accuracy per category, their mean ('overall'), the plain mean over prompts, and how many
+    images failed for each reason ('failures', see t2i_failure)."""
     per_cat: dict[str, list[bool]] = {}
+    failures: Counter = Counter()
     for image, prompt in zip(images, prompts, strict=True):
         req = parse_prompt(prompt)
-        per_cat.setdefault(req.category, []).append(check_image(image, req))
-    result = {cat: float(np.mean(v)) for cat, v in per_cat.items()}
+        why = t2i_failure(image, req)
+        per_cat.setdefault(req.category, []).append(why is None)
+        if why is not None:
+            failures[why] += 1
+    result: dict = {cat: float(np.mean(v)) for cat, v in per_cat.items()}
     result["overall"] = float(np.mean(list(result.values()))) if per_cat else 0.0
     result["per_prompt"] = float(np.mean([x for v in per_cat.values() for x in v])) if per_cat else 0.0
     result["n"] = len(prompts)
+    result["failures"] = {why: failures[why] for why in FAILURES if failures[why]}
     return result
 
 
