@@ -39,7 +39,8 @@ def snapshot(model):
 
 @pytest.mark.parametrize("stage,batch", [("stage1-mmu", [4, 0]), ("stage1-t2i", [0, 4]), ("stage2-unified", [2, 2])])
 def test_freeze_plan_by_which_parameters_change(tmp_path, stage, batch):
-    cfg = tiny_config(tmp_path, [{"name": stage, "steps": 1, "lr": 0.01, "batch": batch}])
+    # with learned MMU positions (the official release's), which every stage that trains MMU must train
+    cfg = tiny_config(tmp_path, [{"name": stage, "steps": 1, "lr": 0.01, "batch": batch}], {"mmu_positions": 256})
     trainer = Trainer(cfg, log=quiet)
     before = snapshot(trainer.model)
     trainer.run()
@@ -54,13 +55,14 @@ def test_freeze_plan_by_which_parameters_change(tmp_path, stage, batch):
     lora_t2i = {k for k in changed if ".lora_A.t2i." in k or ".lora_B.t2i." in k}
     base = {k for k in changed if k.startswith("backbone.") and ".lora_" not in k}
     if stage == "stage1-mmu":
-        assert lora_mmu and any_changed("projector.") and not lora_t2i and not base
+        assert lora_mmu and any_changed("projector.") and any_changed("mmu_pos_embed") and not lora_t2i and not base
         assert not any_changed("image_") and not any_changed("caption_embed.") and not any_changed("t2i_pos_embed")
     elif stage == "stage1-t2i":
         assert lora_t2i and any_changed("image_embedding.") and any_changed("t2i_pos_embed")
-        assert not lora_mmu and not base and not any_changed("projector.")
+        assert not lora_mmu and not base and not any_changed("projector.") and not any_changed("mmu_pos_embed")
     else:
         assert lora_mmu and lora_t2i and base and any_changed("projector.") and any_changed("image_embedding.")
+        assert any_changed("mmu_pos_embed") and any_changed("t2i_pos_embed")
 
 
 def test_resume_continues_bit_for_bit(tmp_path):

@@ -1,6 +1,6 @@
 """Freeze plans of the decoupled two-stage training (paper section 3.5, Fig. 4).
 
-    stage1-mmu      projector + MMU LoRA                                  backbone, encoders, T2I route frozen
+    stage1-mmu      projector + MMU LoRA (+ MMU positions)                backbone, encoders, T2I route frozen
     stage1-t2i      T2I LoRA + image head / embedding + T2I positions + caption embedder
                                                                          backbone, encoders, MMU route frozen
     stage2-unified  everything but the vision encoders (understanding encoder, VQ)
@@ -34,6 +34,8 @@ def apply_freeze_plan(model: nn.Module, stage: str, train_understanding: bool = 
     trainable: list[nn.Parameter] = []
     if stage == "stage1-mmu":
         trainable += list(model.projector.parameters()) + list(_lora_params(model, "mmu"))
+        if model.config.mmu_positions:  # new like the projector; the MMU counterpart of stage1-t2i's positions
+            trainable += [model.mmu_pos_embed]
     elif stage == "stage1-t2i":
         trainable += list(_lora_params(model, "t2i"))
         trainable += list(model.caption_embed.parameters()) + [model.t2i_pos_embed]
@@ -45,7 +47,7 @@ def apply_freeze_plan(model: nn.Module, stage: str, train_understanding: bool = 
         for name, module in model.named_children():
             if name not in ("understanding", "vq"):
                 trainable += list(module.parameters())
-        trainable += [model.t2i_pos_embed]
+        trainable += list(model.parameters(recurse=False))  # t2i_pos_embed, mmu_pos_embed
     if train_understanding and stage != "stage1-t2i":
         trainable += list(model.understanding.parameters())
     for p in trainable:
