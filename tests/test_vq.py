@@ -118,3 +118,45 @@ def test_split_restarts_move_rarely_used_codes_onto_the_worst_quantised_latents(
     torch.testing.assert_close(table[[0, 1, 3]], before[[0, 1, 3]])
     with pytest.raises(UserError, match="vq_train.restart"):
         restart_codes(vq, z, usage, gen, mode="rare")
+
+
+def test_channel_norm_is_a_layer_norm_at_each_position():
+    from omnimamba.vision.vq import ChannelNorm
+
+    norm = ChannelNorm(6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 6, 5, 7)
+    ref = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (6,), norm.weight, norm.bias, 1e-6).permute(0, 3, 1, 2)
+    assert torch.allclose(norm(x), ref, atol=1e-6)
+    # a position's output does not move when another position changes (GroupNorm's would)
+    y = x.clone()
+    y[:, :, 0, 0] += 5.0
+    assert torch.equal(norm(x)[:, :, 1:], norm(y)[:, :, 1:])
+
+
+def test_patch_encoder_codes_see_their_own_patch_only():
+    torch.manual_seed(0)
+    cfg = VQConfig.shapes().replace(encoder="patch", norm="channel", attention=False)
+    vq = VQModel(cfg).eval()
+    assert "attn" not in " ".join(k for k, _ in vq.named_parameters())
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    y = x.clone()
+    y[:, :, 20:24, 8:12] = torch.rand(1, 3, 4, 4)  # patch (5, 2) of the 16 x 16 grid
+    with torch.no_grad():
+        zx, zy = (vq.quant_conv(vq.encoder(t)) for t in (x, y))
+    changed = (zx - zy).abs().amax(1)[0] > 0
+    assert changed[5, 2] and int(changed.sum()) == 1
+    # equal patches get equal codes wherever they are
+    flat = torch.zeros(1, 3, 64, 64)
+    assert len(torch.unique(vq.encode(flat))) == 1
+    # the decoder still turns codes back into images of the right shape
+    assert vq.decode(vq.encode(x)).shape == x.shape
+
+
+def test_bad_vq_architecture_values_are_named():
+    with pytest.raises(ValueError, match="VQConfig.norm"):
+        VQConfig.shapes().replace(norm="batch")
+    with pytest.raises(ValueError, match="VQConfig.encoder"):
+        VQConfig.shapes().replace(encoder="vit")

@@ -161,13 +161,13 @@ class VQEncoderFeatures(nn.Module):
 
     def __init__(self, config: UnderstandingConfig, vq_config):
         super().__init__()
-        from .vq import Encoder
+        from .vq import build_encoder
 
         if vq_config.image_size != config.image_size:
             raise UserError(f"vq-encoder understanding: image_size {config.image_size} differs from the VQ's "
                             f"{vq_config.image_size}")
         self.config = config
-        self.encoder = Encoder(vq_config)
+        self.encoder = build_encoder(vq_config)
         self.num_patches = vq_config.num_tokens
         self.feature_dim = vq_config.z_channels
 

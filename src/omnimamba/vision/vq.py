@@ -31,9 +31,21 @@ class VQConfig:
     dropout: float = 0.0
     image_size: int = 256
     norm_groups: int = 32
+    # LlamaGen's: GroupNorm and self-attention, through which every latent depends on the whole image. "channel"
+    # normalises each position over its channels alone and attention=False drops the attention blocks, so a
+    # code depends on its neighbourhood only (see VQConfig.shapes).
+    norm: str = "group"
+    attention: bool = True
+    # "conv": LlamaGen's encoder; "patch": each code a function of its own downsample x downsample pixel patch
+    # (one strided convolution, then per-position layers), so equal patches always get equal codes
+    encoder: str = "conv"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
+        if self.norm not in ("group", "channel"):
+            raise ValueError(f"VQConfig.norm must be 'group' or 'channel', got {self.norm!r}")
+        if self.encoder not in ("conv", "patch"):
+            raise ValueError(f"VQConfig.encoder must be 'conv' or 'patch', got {self.encoder!r}")
         for name in ("codebook_size", "codebook_embed_dim", "ch", "num_res_blocks", "z_channels", "image_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"VQConfig.{name} must be positive, got {getattr(self, name)}")
@@ -41,7 +53,7 @@ class VQConfig:
             raise ValueError(f"VQConfig.image_size={self.image_size} is not a multiple of the downsampling "
                              f"factor {self.downsample}")
         for m in self.ch_mult:
-            if (self.ch * m) % self.norm_groups:
+            if self.norm == "group" and (self.ch * m) % self.norm_groups:
                 raise ValueError(f"VQConfig: channels ch*mult={self.ch * m} not divisible by norm_groups="
                                  f"{self.norm_groups}")
 
@@ -79,8 +91,23 @@ def to_uint8(pixels: Tensor):
     return ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+class ChannelNorm(nn.Module):
+    """Layer norm over the channels at each position (b, c, h, w): GroupNorm's parameters, none of its
+    dependence on the rest of the image."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x.transpose(1, -1), x.shape[1:2], self.weight, self.bias, self.eps).transpose(1, -1)
+
+
+def _norm(channels: int, groups: int) -> nn.Module:
+    """groups 0: ChannelNorm (VQConfig.norm 'channel')."""
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True) if groups else ChannelNorm(channels)
 
 
 class ResnetBlock(nn.Module):
@@ -145,10 +172,22 @@ def _run_level(block: nn.Module, h: Tensor) -> Tensor:
     return h
 
 
+def _groups(cfg: VQConfig) -> int:
+    """GroupNorm's group count, 0 for ChannelNorm."""
+    return cfg.norm_groups if cfg.norm == "group" else 0
+
+
+def _mid_blocks(channels: int, groups: int, cfg: VQConfig) -> nn.ModuleList:
+    """The lowest resolution's middle: residual, attention, residual (residual, residual without attention)."""
+    attn = [AttnBlock(channels, groups)] if cfg.attention else []
+    return nn.ModuleList([ResnetBlock(channels, channels, groups, cfg.dropout), *attn,
+                          ResnetBlock(channels, channels, groups, cfg.dropout)])
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: VQConfig, in_channels: int = 3):
         super().__init__()
-        g, nres = cfg.norm_groups, len(cfg.ch_mult)
+        g, nres = _groups(cfg), len(cfg.ch_mult)
         self.conv_in = nn.Conv2d(in_channels, cfg.ch, 3, padding=1)
         self.conv_blocks = nn.ModuleList()
         cin = cfg.ch
@@ -158,13 +197,12 @@ class Encoder(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 block.res.append(ResnetBlock(cin, cfg.ch * mult, g, cfg.dropout))
                 cin = cfg.ch * mult
-                if level == nres - 1:
+                if level == nres - 1 and cfg.attention:
                     block.attn.append(AttnBlock(cin, g))
             if level != nres - 1:
                 block.downsample = Downsample(cin)
             self.conv_blocks.append(block)
-        self.mid = nn.ModuleList([ResnetBlock(cin, cin, g, cfg.dropout), AttnBlock(cin, g),
-                                  ResnetBlock(cin, cin, g, cfg.dropout)])
+        self.mid = _mid_blocks(cin, g, cfg)
         self.norm_out = _norm(cin, g)
         self.conv_out = nn.Conv2d(cin, cfg.z_channels, 3, padding=1)
 
@@ -179,14 +217,46 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+def build_encoder(cfg: VQConfig) -> nn.Module:
+    return PatchEncoder(cfg) if cfg.encoder == "patch" else Encoder(cfg)
+
+
+class PatchEncoder(nn.Module):
+    """VQConfig.encoder 'patch': a strided convolution over each patch, then residual blocks of 1 x 1
+    convolutions with ChannelNorm: a patch's latent sees no other pixel."""
+
+    def __init__(self, cfg: VQConfig, in_channels: int = 3):
+        super().__init__()
+        width, s = cfg.ch * cfg.ch_mult[-1], cfg.downsample
+        self.conv_in = nn.Conv2d(in_channels, width, s, stride=s)
+        self.res = nn.ModuleList([PointwiseBlock(width) for _ in range(cfg.num_res_blocks + 1)])
+        self.norm_out = ChannelNorm(width)
+        self.conv_out = nn.Conv2d(width, cfg.z_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv_in(x)
+        for block in self.res:
+            h = block(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class PointwiseBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm1, self.conv1 = ChannelNorm(channels), nn.Conv2d(channels, channels, 1)
+        self.norm2, self.conv2 = ChannelNorm(channels), nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: VQConfig, out_channels: int = 3):
         super().__init__()
-        g, nres = cfg.norm_groups, len(cfg.ch_mult)
+        g, nres = _groups(cfg), len(cfg.ch_mult)
         cin = cfg.ch * cfg.ch_mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, cin, 3, padding=1)
-        self.mid = nn.ModuleList([ResnetBlock(cin, cin, g, cfg.dropout), AttnBlock(cin, g),
-                                  ResnetBlock(cin, cin, g, cfg.dropout)])
+        self.mid = _mid_blocks(cin, g, cfg)
         self.conv_blocks = nn.ModuleList()
         for level in reversed(range(nres)):
             block = nn.Module()
@@ -194,7 +264,7 @@ class Decoder(nn.Module):
             for _ in range(cfg.num_res_blocks + 1):
                 block.res.append(ResnetBlock(cin, cfg.ch * cfg.ch_mult[level], g, cfg.dropout))
                 cin = cfg.ch * cfg.ch_mult[level]
-                if level == nres - 1:
+                if level == nres - 1 and cfg.attention:
                     block.attn.append(AttnBlock(cin, g))
             if level != 0:
                 block.upsample = Upsample(cin)
@@ -258,7 +328,7 @@ class VQModel(nn.Module):
     def __init__(self, config: VQConfig = VQConfig()):
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config)
+        self.encoder = build_encoder(config)
         self.decoder = Decoder(config)
         self.quantize = VectorQuantizer(config)
         self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_embed_dim, 1)
