@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from omnimamba.data.shapes import HELDOUT_PAIRS, QUESTION_TYPES, ShapesConfig, ShapesWorld, image_hash
+from omnimamba.data.shapes import BACKGROUND, HELDOUT_PAIRS, QUESTION_TYPES, ShapesConfig, ShapesWorld, image_hash
 from omnimamba.tokenizer import TextTokenizer
 
 
@@ -58,3 +58,15 @@ def test_bad_arguments():
         ShapesWorld().sample("dev", 0)
     with pytest.raises(ValueError, match="max_objects"):
         ShapesConfig(min_objects=3, max_objects=2)
+
+
+def test_plain_image_is_the_scene_without_its_texture():
+    world = ShapesWorld()
+    textured = next(world.sample("train", i) for i in range(50) if world.sample("train", i).textured)
+    plain = next(world.sample("train", i) for i in range(50) if not world.sample("train", i).textured)
+    assert np.array_equal(world.plain_image("train", plain.index), plain.image)
+    image = world.plain_image("train", textured.index)
+    background = (image == np.array(BACKGROUND, dtype=np.uint8)).all(-1)
+    drawn = (textured.image != image).any(-1)
+    # the texture is gone from the background and only from there: every changed pixel was background
+    assert background.mean() > 0.5 and drawn.any() and background[drawn].all()

@@ -427,3 +427,21 @@ def test_adamw_is_fused_where_torch_has_the_kernel_and_steps_as_the_loop_does(tm
                                 "run": {"out": str(tmp_path / str(setting)), "progress": False, "tensorboard": False}})
         trainer = Trainer(cfg, log=quiet)
         assert trainer._optimizer(trainer.model).defaults["fused"] is expected
+
+
+def test_t2i_plain_trains_on_the_scenes_drawn_plain(tmp_path):
+    stages = [{"name": "stage1-t2i", "steps": 1, "batch": [0, 2]}]
+    trainer = Trainer(config_from_dict({"model": {"preset": "shapes-tiny"}, "stages": stages,
+                                        "data": {"shapes": {"train_images": 16, "t2i_plain": True}},
+                                        "run": {"out": str(tmp_path), "progress": False, "tensorboard": False}}),
+                      log=quiet)
+    trainer.prepare_data()
+    from omnimamba.data.formats import images_to_tensor
+
+    world, vq = trainer.world, trainer.model.vq
+    textured = [i for i in range(16) if world.sample("train", i).textured]
+    assert textured
+    encode = lambda images: vq.encode(images_to_tensor(images) * 2 - 1)
+    assert torch.equal(trainer.t2i_source.codes, encode([world.plain_image("train", i) for i in range(16)]).long())
+    assert not torch.equal(trainer.t2i_source.codes[textured],
+                           encode([world.sample("train", i).image for i in textured]).long())

@@ -328,6 +328,11 @@ class ShapesWorld:
         sample.questions = questions_for(objects, textured, self.config.image_size, rng)
         return sample
 
+    def plain_image(self, split: str, index: int) -> np.ndarray:
+        """Sample `index`'s scene drawn on a plain background (its image when not textured)."""
+        sample = self.sample(split, index)
+        return render(sample.objects, self.config) if sample.textured else sample.image
+
     def samples(self, split: str, n: int, start: int = 0) -> list[ShapesSample]:
         return [self.sample(split, i) for i in range(start, start + n)]
 

@@ -91,6 +91,9 @@ class ShapesSection:
     # Keep one of an image's three "no" existence questions per example, so existence answers are half "yes"
     # (otherwise three "no" to one "yes": an undertrained model answers "no" to everything)
     balance_existence: bool = False
+    # T2I trains on each scene drawn on a plain background: no caption mentions the texture, whose noise is
+    # most of a textured image's code entropy (README, "T2I on plain renders"); MMU still sees the image as drawn
+    t2i_plain: bool = False
 
     def __post_init__(self) -> None:
         if self.max_turns < 1:

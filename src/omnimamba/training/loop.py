@@ -187,8 +187,11 @@ class Trainer:
                 self.mmu_source = ShapesMMU(self.world, n, c.run.seed, c.data.shapes.max_turns,
                                             c.data.shapes.balance_existence)
             if needs_t2i:
-                codes = self._codes(lambda i: self.world.sample("train", i).image, n, cache,
-                                    f"shapes seed={c.data.shapes.seed} size={c.data.shapes.image_size}")
+                plain = c.data.shapes.t2i_plain
+                image = self.world.plain_image if plain else (lambda split, i: self.world.sample(split, i).image)
+                codes = self._codes(lambda i: image("train", i), n, cache,
+                                    f"shapes seed={c.data.shapes.seed} size={c.data.shapes.image_size}"
+                                    f"{' plain' if plain else ''}")
                 self.t2i_source = ShapesT2I(self.world, n, codes, c.run.seed)
         else:
             from ..data.formats import load_image, read_coco_captions
