@@ -236,8 +236,17 @@ def test_cli_train_lowers_the_loss_and_writes_everything(tmp_path, capsys):
         assert (tmp_path / "eval" / f"{stage}-{ {'stage1-mmu': 12, 'stage1-t2i': 12, 'stage2-unified': 4}[stage]:07d}.png").is_file()
     assert (tmp_path / "vq" / "model.safetensors").is_file()
     assert "trainable" in capsys.readouterr().out
-    vq = [r for r in rows if r.get("stage") == "vq-tokenizer"]
-    assert [r["step"] for r in vq] == [0, 1, 2, 3, 4] and all(r["recon_loss"] > 0 for r in vq)
+    for stage in ("vq-tokenizer", "understanding-tokenizer"):  # decoupled encoders: one tokenizer each
+        vq = [r for r in rows if r.get("stage") == stage]
+        assert [r["step"] for r in vq] == [0, 1, 2, 3, 4] and all(r["recon_loss"] > 0 for r in vq)
+    # the frozen understanding encoder is the understanding tokenizer's (LlamaGen's architecture), not the VQ's
+    from omnimamba.model import OmniMamba
+    from omnimamba.training.vq import load_vq
+
+    model, own = OmniMamba.from_pretrained(tmp_path / "stage2-unified"), load_vq(tmp_path / "understanding-vq")
+    assert own.config.encoder == "conv" and model.config.vq.encoder == "patch"
+    for k, v in own.encoder.state_dict().items():
+        assert torch.equal(model.understanding.encoder.state_dict()[k], v), k
     evals = [r for r in rows if "eval_t2i" in r]
     assert len(evals) == 3 and all(r["eval_t2i_unguided"] is not None for r in evals)
     assert main(["plot", str(tmp_path)]) == 0
@@ -255,7 +264,7 @@ def test_plot_reads_a_resumed_run_and_names_a_missing_file(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     recs = read_metrics(tmp_path)
     assert len(recs) == 5 and [r["mmu_loss"] for r in recs if r["stage"] == "stage2-unified" and "mmu_loss" in r] == [1.4]
-    assert stage_offsets(recs) == {"vq-tokenizer": 0, "stage1-mmu": 0, "stage2-unified": 10}
+    assert stage_offsets(recs) == {"vq-tokenizer": 0, "understanding-tokenizer": 0, "stage1-mmu": 0, "stage2-unified": 10}
     assert main(["plot", str(tmp_path / "nowhere")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
 

@@ -31,6 +31,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 VQ_STAGE = "vq-tokenizer"  # the tokenizer's records: its own step axis
+UNDERSTANDING_VQ_STAGE = "understanding-tokenizer"  # the understanding encoder's own tokenizer, where it has one
+TOKENIZER_STAGES = (VQ_STAGE, UNDERSTANDING_VQ_STAGE)
 
 
 def stage_offsets(records: list[dict]) -> dict[str, int]:
@@ -39,9 +41,9 @@ def stage_offsets(records: list[dict]) -> dict[str, int]:
     last: dict[str, int] = {}
     for r in records:
         last[r["stage"]] = max(last.get(r["stage"], 0), int(r["step"]) + 1)
-    offsets, total = {VQ_STAGE: 0}, 0
+    offsets, total = {stage: 0 for stage in TOKENIZER_STAGES}, 0
     for stage, steps in last.items():
-        if stage != VQ_STAGE:
+        if stage not in TOKENIZER_STAGES:
             offsets[stage] = total
             total += steps
     return offsets
@@ -77,11 +79,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, smoothing: int 
                       if r.get(key) is not None and (stages is None or r["stage"] in stages))
         return (np.array([x for x, _ in rows]), np.array([y for _, y in rows], dtype=float)) if rows else None
 
-    vq = series("recon_loss", {VQ_STAGE})
-    if vq is not None:
-        ax_vq.plot(vq[0], smooth(vq[1], smoothing))
-        ax_vq.set_yscale("log")
-    ax_vq.set(title="VQ tokenizer: reconstruction loss", xlabel="step")
+    for stage, label in ((VQ_STAGE, "generation (VQ)"), (UNDERSTANDING_VQ_STAGE, "understanding encoder's")):
+        vq = series("recon_loss", {stage})
+        if vq is not None:
+            ax_vq.plot(vq[0], smooth(vq[1], smoothing), label=label)
+            ax_vq.set_yscale("log")
+    if series("recon_loss", {UNDERSTANDING_VQ_STAGE}) is not None:
+        ax_vq.legend(fontsize=8)
+    ax_vq.set(title="tokenizers: reconstruction loss", xlabel="step")
     for key, label in (("mmu_loss", "MMU (answer tokens)"), ("t2i_loss", "T2I (image codes)")):
         s = series(key)
         if s is not None:
@@ -96,7 +101,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, smoothing: int 
     ax_eval.set(title="validation scores", xlabel="step", ylim=(0, 1))
     for ax in (ax_loss, ax_eval):
         for stage, start in offsets.items():
-            if stage == VQ_STAGE:
+            if stage in TOKENIZER_STAGES:
                 continue
             ax.axvline(start, color="0.8", lw=0.8)
             # Vertical labels: short stages (stage 1 warms new modules only) would overlap side by side.

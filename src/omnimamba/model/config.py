@@ -107,8 +107,8 @@ class OmniMambaConfig:
 def shapes_config(size: str = "tiny", text_base_vocab_size: int | None = None) -> OmniMambaConfig:
     """The embedded Shapes world's models (no pretrained weights exist for it): 'tiny' trains on a CPU in
     minutes (`omnimamba quickstart`), 'small' is the one-GPU recipe (configs/shapes-gpu.yaml). Both read
-    images through the trained tokenizer's encoder (frozen, 2 x 2 patches merged: 64 positions) and write
-    them as 256 codes."""
+    images through a trained LlamaGen-architecture tokenizer's encoder (frozen, 2 x 2 patches merged: 64
+    positions) and write them as 256 codes of a patch-local tokenizer (VQConfig.shapes_local)."""
     if text_base_vocab_size is None:
         from ..tokenizer import TextTokenizer
 
@@ -123,8 +123,11 @@ def shapes_config(size: str = "tiny", text_base_vocab_size: int | None = None) -
     return OmniMambaConfig(
         backbone=Mamba2Config(d_model=d, n_layer=n, vocab_size=text_base_vocab_size + 6, pad_vocab_size_multiple=8,
                               d_state=state, headdim=headdim, chunk_size=chunk, tie_embeddings=True),
-        understanding=UnderstandingConfig(kind="vq-encoder", image_size=64, spatial_merge=2),
-        vq=VQConfig.shapes(ch=ch, codebook_size=codes),
+        # decoupled encoders (section 3.2): generation codes from a tokenizer whose codes are local patches,
+        # understanding features from a LlamaGen-architecture tokenizer's encoder, which sees the whole image
+        understanding=UnderstandingConfig(kind="vq-encoder", image_size=64, spatial_merge=2,
+                                          vq=VQConfig.shapes(ch=ch, codebook_size=codes)),
+        vq=VQConfig.shapes_local(ch=ch, codebook_size=codes),
         text_base_vocab_size=text_base_vocab_size,
         max_caption_tokens=24,
         lora_dropout=0.0,

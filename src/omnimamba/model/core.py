@@ -295,11 +295,17 @@ class OmniMamba(GenerationMixin, CheckpointMixin, nn.Module):
         return out[f"{task}_logits"], out[f"{task}_loss"]
 
     @torch.no_grad()
-    def init_understanding_from_vq(self) -> bool:
-        """For a 'vq-encoder' understanding encoder: copy the (trained) tokenizer's encoder weights."""
-        if self.config.understanding.kind != "vq-encoder":
+    def init_understanding_from_vq(self, vq: VQModel | None = None) -> bool:
+        """For a 'vq-encoder' understanding encoder: copy a trained tokenizer's encoder weights: `vq`'s, or the
+        generation tokenizer's when the understanding encoder shares its architecture (config.understanding.vq
+        None; otherwise, with no `vq`, nothing is copied). True if copied."""
+        u = self.config.understanding
+        if u.kind != "vq-encoder" or (vq is None and u.vq is not None):
             return False
-        self.understanding.encoder.load_state_dict(self.vq.encoder.state_dict())
+        vq = vq or self.vq
+        if u.vq is not None and vq.config != u.vq:
+            raise UserError(f"the understanding encoder is a {u.vq} encoder; this tokenizer is a {vq.config}")
+        self.understanding.encoder.load_state_dict(vq.encoder.state_dict())
         return True
 
     def merge_lora(self, task: str) -> None:

@@ -25,7 +25,8 @@ from .optim import adamw
 from .data import (FileMMU, FileT2I, ShapesMMU, ShapesT2I, cached_codes, mmu_batch, shapes_world, t2i_batch)
 from .stages import apply_freeze_plan, freeze_summary, never_trained
 from .step import forward_backward, micro_splits, share
-from ..evaluation.curves import VQ_STAGE
+from ..evaluation.curves import UNDERSTANDING_VQ_STAGE, VQ_STAGE
+from ..vision.vq import VQModel
 from .vq import load_vq, save_vq, train_vq
 
 NO_DECAY = ("A_log", "D", "dt_bias", "norm", "bias", "embed", "pos_embed", "null_caption")
@@ -134,42 +135,51 @@ class Trainer:
         return nullcontext()
 
     def prepare_vq(self) -> None:
-        """Train the embedded default's VQ tokenizer if asked (and no checkpoint was given)."""
+        """Train the embedded default's VQ tokenizer if asked (and no checkpoint was given), and, where the
+        understanding encoder is a tokenizer encoder of another architecture (model.understanding.vq), a
+        tokenizer of that architecture for it, on the same images with the same settings."""
         v = self.cfg.vq_train
-        if self.cfg.model.vq or self.cfg.model.init or v.steps == 0:
+        if self.cfg.model.init or v.steps == 0:
             return
-        vq_dir = self.out / "vq"
-        if self._vq_done():
-            self.model.vq.load_state_dict(load_vq(vq_dir).state_dict())
+        if not self.cfg.model.vq:
+            self._train_or_reuse_vq(self.model.vq, self.out / "vq", "VQ tokenizer", VQ_STAGE)
             self._init_understanding()
-            self.log(f"VQ tokenizer: reusing {vq_dir}")
+        own = self.model.config.understanding.vq
+        if own is not None:
+            vq = VQModel(own).to(self.device)
+            self._train_or_reuse_vq(vq, self.out / "understanding-vq", "understanding tokenizer", UNDERSTANDING_VQ_STAGE)
+            self.model.init_understanding_from_vq(vq)
+            self.log("understanding encoder: initialised from the understanding tokenizer's encoder (frozen)")
+
+    def _train_or_reuse_vq(self, vq, vq_dir: Path, what: str, stage: str) -> None:
+        """Train `vq` on the training images and save it to vq_dir (rank 0; the others read it), or load the
+        complete one a run left there."""
+        v = self.cfg.vq_train
+        if not verify_manifest(vq_dir, required=True):
+            vq.load_state_dict(load_vq(vq_dir).state_dict())
+            self.log(f"{what}: reusing {vq_dir}")
             return
         if self.world is None:
             raise UserError("vq_train.steps > 0 trains the VQ on the Shapes world only; for real data set model.vq")
         if self.rank == 0:
             n = self.cfg.data.shapes.train_images
-            r = train_vq(self.model.vq, lambda i: self.world.sample("train", i).image, n, v.steps, v.lr, v.batch,
+            r = train_vq(vq, lambda i: self.world.sample("train", i).image, n, v.steps, v.lr, v.batch,
                          seed=self.cfg.run.seed, device=self.device, progress=self.cfg.run.progress,
                          foreground_weight=v.foreground_weight, restart=v.restart,
-                         record=lambda step, rec: self._log_metrics({"stage": VQ_STAGE, "step": step, **rec}, None),
-                         record_every=self.cfg.run.log_every)
-            save_vq(self.model.vq, vq_dir)
-            self.log(f"VQ tokenizer: {v.steps} steps, reconstruction loss {r['final_recon_loss']:.4f}, saved to {vq_dir}")
+                         record=lambda step, rec: self._log_metrics({"stage": stage, "step": step, **rec}, None),
+                         record_every=self.cfg.run.log_every, desc=f"train {what}")
+            save_vq(vq, vq_dir)
+            self.log(f"{what}: {v.steps} steps, reconstruction loss {r['final_recon_loss']:.4f}, saved to {vq_dir}")
         if self.distributed:
             dist.barrier()
-            self._written_by_rank0(vq_dir / "model.safetensors", "the trained VQ tokenizer")
-            self.model.vq.load_state_dict(load_vq(vq_dir).state_dict())
-        self._init_understanding()
+            self._written_by_rank0(vq_dir / "model.safetensors", f"the trained {what}")
+            vq.load_state_dict(load_vq(vq_dir).state_dict())
 
     def _written_by_rank0(self, path: Path, what: str) -> None:
         """Every rank reads what rank 0 wrote under run.out: over several nodes that needs a shared filesystem."""
         if not path.exists():
             raise UserError(f"rank {self.rank}: {what} ({path}), written by rank 0, is not visible here: when training "
                             "over several nodes, put run.out (and data.codes_cache) on a filesystem every node shares")
-
-    def _vq_done(self) -> bool:
-        """The tokenizer this run trained is complete on disk (its manifest written last, and matching)."""
-        return not verify_manifest(self.out / "vq", required=True)
 
     def _init_understanding(self) -> None:
         if self.model.init_understanding_from_vq():
@@ -387,7 +397,9 @@ class Trainer:
 
     def _cut_logs(self, start: dict | None) -> None:
         """Make the run's logs end where it (re)starts (see MetricsLog.cut)."""
-        self.metrics.cut(start, [stage.name for stage in self.cfg.stages], self._vq_done())
+        done = {stage for stage, folder in ((VQ_STAGE, "vq"), (UNDERSTANDING_VQ_STAGE, "understanding-vq"))
+                if not verify_manifest(self.out / folder, required=True)}
+        self.metrics.cut(start, [stage.name for stage in self.cfg.stages], done)
 
     def _log_metrics(self, rec: dict, index: int | None) -> None:
         if self.rank == 0:

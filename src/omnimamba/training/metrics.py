@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..evaluation.curves import VQ_STAGE
+from ..evaluation.curves import TOKENIZER_STAGES
 from ..fileio import writing
 
 
@@ -23,16 +23,17 @@ class MetricsLog:
         self._tb = None
         self._tb_purge_step: int | None = 0  # a fresh run's TensorBoard starts empty
 
-    def cut(self, start: dict | None, stages: list[str], vq_done: bool) -> None:
+    def cut(self, start: dict | None, stages: list[str], tokenizers_done: set[str]) -> None:
         """Make the run's logs end where it (re)starts: from checkpoint (stage k, step s) keep earlier stages,
         stage k's training records up to s and its evaluations before s (the ones at s follow the checkpoint
-        and run again); a fresh start keeps only the tokenizer's records, when its tokenizer is reused."""
+        and run again); a fresh start keeps only the records of the tokenizers it reuses (`tokenizers_done`,
+        of TOKENIZER_STAGES)."""
         order = {name: i for i, name in reversed(list(enumerate(stages)))}
         k, s = (start["stage_index"], start["step"]) if start else (-1, -1)
 
         def keep(rec: dict) -> bool:
-            if rec.get("stage") == VQ_STAGE:
-                return vq_done
+            if rec.get("stage") in TOKENIZER_STAGES:
+                return rec["stage"] in tokenizers_done
             i = order.get(rec.get("stage"), len(order))
             if i != k:
                 return i < k

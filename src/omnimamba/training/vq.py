@@ -30,7 +30,7 @@ def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, foreground_weight: f
 
 def train_vq(vq: VQModel, images_of, n_images: int, steps: int, lr: float, batch: int, seed: int = 0,
              device="cpu", progress: bool = True, foreground_weight: float = 0.0,
-             record=None, record_every: int = 10, restart: str = "dead") -> dict:
+             record=None, record_every: int = 10, restart: str = "dead", desc: str = "train VQ tokenizer") -> dict:
     """Train `vq` on images_of(i), i < n_images. `record(step, {"recon_loss": ...})` is called every
     `record_every` steps (the run's metrics). `restart` says which codes are moved onto which latents every
     RESTART_EVERY steps (restart_codes)."""
@@ -49,7 +49,7 @@ def train_vq(vq: VQModel, images_of, n_images: int, steps: int, lr: float, batch
     history: list[float] = []
     pending: list[torch.Tensor] = []  # losses not yet read back: no device sync every step
     usage = torch.zeros(vq.config.codebook_size, dtype=torch.long, device=device)
-    bar = tqdm(range(steps), desc="train VQ tokenizer", disable=not progress)
+    bar = tqdm(range(steps), desc=desc, disable=not progress)
     for step in bar:
         for g in opt.param_groups:  # cosine decay to 10%
             g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / max(1, steps))))

@@ -18,6 +18,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..errors import UserError
+from .vq import VQConfig
 
 # Prismatic's "dinosiglip-vit-so-384px" pair, as used by OmniMamba (27 x 27 = 729 patches each).
 DINOSIGLIP_384 = ("vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_384")
@@ -29,8 +30,11 @@ CLIP_224 = ("vit_large_patch14_clip_224.openai",)
 class UnderstandingConfig:
     """kind 'timm': `backbones` are timm model names run on the same image, features concatenated;
     `weights` optionally names a local checkpoint per backbone. kind 'tiny': a small conv encoder trained
-    from scratch. kind 'vq-encoder': the architecture of the VQ tokenizer's encoder, read continuously
-    (before quantisation), initialised from a trained tokenizer: the embedded default's pretrained encoder."""
+    from scratch. kind 'vq-encoder': the architecture of a VQ tokenizer's encoder, read continuously
+    (before quantisation), initialised from a trained tokenizer: the embedded default's pretrained encoder.
+    `vq` names that tokenizer's architecture when it is not the generation tokenizer's (the trainer then trains
+    one of its own for understanding, as the paper decouples the two encoders); None: the generation
+    tokenizer's encoder."""
 
     kind: str = "timm"
     backbones: tuple[str, ...] = DINOSIGLIP_384
@@ -41,10 +45,15 @@ class UnderstandingConfig:
     # Concatenate the features of each spatial_merge x spatial_merge block of patches before the projector
     # (Qwen2-VL's patch merger): a sequence spatial_merge^2 times shorter that keeps every feature.
     spatial_merge: int = 1
+    vq: VQConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backbones", tuple(self.backbones))
         object.__setattr__(self, "weights", tuple(self.weights))
+        if isinstance(self.vq, dict):  # read back from a saved config
+            object.__setattr__(self, "vq", VQConfig(**self.vq))
+        if self.vq is not None and self.kind != "vq-encoder":
+            raise UserError(f"UnderstandingConfig.vq is for kind 'vq-encoder' only, got kind {self.kind!r}")
         if self.kind not in ("timm", "tiny", "vq-encoder"):
             raise UserError(f"UnderstandingConfig.kind must be 'timm', 'tiny' or 'vq-encoder', got {self.kind!r}")
         if self.kind == "timm" and not self.backbones:
@@ -156,7 +165,7 @@ class VQEncoderFeatures(nn.Module):
 
     No pretrained semantic ViT exists for the embedded Shapes world and none can be downloaded; an
     encoder trained on reconstruction (the tokenizer's) is the self-supervised stand-in, kept frozen as
-    the paper keeps DINOv2 and SigLIP. Its weights are copied from the trained tokenizer
+    the paper keeps DINOv2 and SigLIP. Its weights are copied from a trained tokenizer of its architecture
     (`OmniMamba.init_understanding_from_vq`)."""
 
     def __init__(self, config: UnderstandingConfig, vq_config):
@@ -193,7 +202,7 @@ def build_understanding_encoder(config: UnderstandingConfig, vq_config=None) -> 
     if config.kind == "tiny":
         return TinyConvEncoder(config)
     if config.kind == "vq-encoder":
-        return VQEncoderFeatures(config, vq_config)
+        return VQEncoderFeatures(config, config.vq or vq_config)
     return TimmEncoder(config)
 
 
