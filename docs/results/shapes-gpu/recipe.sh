@@ -12,13 +12,14 @@ if [ -n "$SMOKE" ]; then
          --set run.eval_every=2 --set model.preset=shapes-tiny --set run.eval_images=2 --set run.eval_prompts=2 --set run.device=cpu)
   EVAL_ARGS=(--n-images 2 --n-prompts 2 --device cpu); SWEEP_ARGS=(--n-prompts 2 --seeds 1 --scales 1 3 --device cpu)
 else
-  EVAL_ARGS=(--n-images 100 --n-prompts 200); SWEEP_ARGS=(--n-prompts 96 --seeds 2 --scales 1 2 3 5)
+  EVAL_ARGS=(--n-images 100 --n-prompts 200 --guidance ${GUIDANCE:-2}); SWEEP_ARGS=(--n-prompts 96 --seeds 2 --scales 1 2 3 5)
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null
 python3 -c "import torch, sys; print(sys.version.split()[0], torch.__version__)"
+SEED=${SEED:-0}
 start() { name=$1; shift
   setsid nohup timeout $TRAIN_LIMIT python3 -m omnimamba.cli train --config configs/shapes-gpu.yaml \
-    --set run.out=runs/$name --set run.progress=false "${EXTRA[@]}" "$@" > runs/$name.log 2>&1 < /dev/null & }
+    --set run.out=runs/$name --set run.seed=$SEED --set run.progress=false "${EXTRA[@]}" "$@" > runs/$name.log 2>&1 < /dev/null & }
 start A
 [ -n "$VARIANTS" ] && { start B --set stages.2.lr=2e-3; start C --set stages.2.lr=3e-3; }
 while pgrep -f "omnimamba.cli train" > /dev/null; do

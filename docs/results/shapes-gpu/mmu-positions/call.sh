@@ -1,0 +1,5 @@
+# issue 11: the GPU recipe of 6a975fd (decoupled tokenizers, T2I on plain renders, MMU positions 512), seed 0, timed, evaluated
+T0=$(date +%s)
+python3 -m pip install --no-deps --no-index .wheels/*.whl -q 2>&1 | tail -2
+TRAIN_LIMIT=${TRAIN_LIMIT:-505} EVAL_LIMIT=50 BUDGET=585 POLL=20 bash docs/results/shapes-gpu/recipe.sh 2>&1 | tail -40
+echo "call total: $(( $(date +%s) - T0 )) s"
