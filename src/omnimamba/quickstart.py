@@ -18,7 +18,7 @@ QUICKSTART = {
     # Existence questions half "yes" (one "no" kept of an image's three): without it the CPU model answers every
     # existence question "no" (POPE F1 0.00; 0.24-0.83 over three runs with it: docs/results/quickstart-cpu/README.md).
     "data": {"source": "shapes", "shapes": {"seed": 0, "image_size": 64, "train_images": 10000, "max_turns": 4,
-                                            "balance_existence": True}},
+                                            "balance_existence": True, "t2i_plain": True}},
     # Small batches, many steps: on two cores the tokenizer gains more from updates than from images per update.
     "vq_train": {"steps": 1500, "lr": 0.005, "batch": 8, "foreground_weight": 10.0, "restart": "split"},
     # The embedded default has no pretrained Mamba-2 (the paper starts from one), so stage 1, which freezes
@@ -29,7 +29,7 @@ QUICKSTART = {
         {"name": "stage2-unified", "steps": 750, "lr": 0.002, "warmup": 20, "batch": [16, 16], "min_lr_ratio": 0.05},
     ],
     "run": {"out": "runs/quickstart", "log_every": 10, "ckpt_every": 250, "eval_images": 40, "eval_prompts": 24,
-            "eval_guidance": 3.0, "eval_top_k": 0, "eval_temperature": 0.7},
+            "eval_guidance": 2.0, "eval_top_k": 0, "eval_temperature": 1.0},
 }
 
 
