@@ -128,20 +128,25 @@ def test_ablate_end_to_end_in_parallel_then_in_process_and_resumes(tmp_path, mon
 
 def test_a_record_of_an_older_version_counts_only_where_the_code_did_not_change(tmp_path):
     """Version-1 records predate the unified vocabulary's training over both modalities' ids: they stand for
-    decoupled-vocabulary runs only; a unified run of that version is no longer finished."""
-    from omnimamba.training.ablation import RECORD_VERSION, Ablation
+    decoupled-vocabulary runs only. Versions 1 and 2 predate the Shapes presets' decoupled tokenizers: on a Shapes
+    preset no older run is finished."""
+    from omnimamba.training.ablation import RECORD_VERSION, Ablation, still_valid
 
     out, lines = tmp_path / "abl", []
     variants = ["full", "unified-lora", "joint", "unified-nolora"]
-    for variant, version in [("full", None), ("unified-lora", None), ("joint", 1), ("unified-nolora", RECORD_VERSION)]:
+    for variant, version in [("full", None), ("unified-lora", 2), ("joint", 1), ("unified-nolora", RECORD_VERSION)]:
         run = out / "runs" / variant / "seed0"
         run.mkdir(parents=True)
         rec = {"variant": variant, "seed": 0, "train_s": 1.0, "test_mmu": 0.5}
         (run / "score.json").write_text(json.dumps(rec if version is None else {**rec, "version": version}))
     ablation = Ablation(json.loads(json.dumps(BASE)), out, variants, seeds=[0], log=lines.append)
-    assert [r["variant"] for r in ablation.run(train=False)] == ["full", "joint", "unified-nolora"]
-    assert any("unified-lora seed 0" in l and f"(record version 1, now {RECORD_VERSION})" in l for l in lines)
-    assert any("left out: unified-lora seed 0" in l for l in lines)
+    assert [r["variant"] for r in ablation.run(train=False)] == ["unified-nolora"]
+    assert any("unified-lora seed 0" in l and f"(record version 2, now {RECORD_VERSION})" in l for l in lines)
+    assert any("left out: full seed 0, unified-lora seed 0, joint seed 0" in l for l in lines)
+    real = {"model": {"preset": "omnimamba-1.3b"}}
+    unified = {"model": {"preset": "omnimamba-1.3b", "overrides": {"decoupled_vocab": False}}}
+    assert still_valid({"version": 2}, real) and still_valid({}, real) and still_valid({"version": 2}, unified)
+    assert not still_valid({}, unified) and not still_valid({"version": 2}, {"model": {"preset": "shapes-small"}})
 
 
 def test_a_failed_parallel_run_is_named_and_the_others_finish(tmp_path):

@@ -454,3 +454,16 @@ def test_t2i_plain_trains_on_the_scenes_drawn_plain(tmp_path):
     assert torch.equal(trainer.t2i_source.codes, encode([world.plain_image("train", i) for i in range(16)]).long())
     assert not torch.equal(trainer.t2i_source.codes[textured],
                            encode([world.sample("train", i).image for i in textured]).long())
+
+
+def test_a_tokenizer_of_another_architecture_is_named_not_loaded(tmp_path):
+    # a run folder left by an older version (LlamaGen's encoder) under a preset whose VQ has a patch encoder
+    from omnimamba.training.vq import save_vq
+    from omnimamba.vision.vq import VQConfig, VQModel
+
+    save_vq(VQModel(VQConfig.shapes()), tmp_path / "vq")
+    cfg = config_from_dict({"model": {"preset": "shapes-tiny"}, "vq_train": {"steps": 2},
+                            "stages": [{"name": "stage1-t2i", "steps": 1, "batch": [0, 2]}],
+                            "run": {"out": str(tmp_path), "progress": False, "tensorboard": False}})
+    with pytest.raises(UserError, match=r"VQ tokenizer: .*vq holds a tokenizer of another architecture: .*encoder 'conv' \(wanted 'patch'\)"):
+        Trainer(cfg, log=quiet).prepare_vq()

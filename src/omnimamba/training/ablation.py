@@ -117,9 +117,11 @@ def train_and_score(spec: dict, log=None) -> dict:
 
 
 # What a score.json's numbers mean. 2: the unified vocabulary trains over both modalities' ids and the losses are
-# over the ids sampling draws from (b9c7450, d016ec0). A run of an older version is trained again, except where
-# both versions agree: decoupled vocabularies, whose training and losses did not change.
-RECORD_VERSION = 2
+# over the ids sampling draws from (b9c7450, d016ec0). 3: the Shapes presets decouple their tokenizers (a
+# patch-local generation tokenizer, a LlamaGen-architecture one for the understanding encoder). A run of an older
+# version is trained again, except where the versions agree: version 2 for the other presets, and version 1 for
+# their decoupled vocabularies, whose training and losses did not change.
+RECORD_VERSION = 3
 
 
 def still_valid(rec: dict, config: dict) -> bool:
@@ -127,7 +129,10 @@ def still_valid(rec: dict, config: dict) -> bool:
     version = rec.get("version", 1)
     if version == RECORD_VERSION:
         return True
-    return version == 1 and config.get("model", {}).get("overrides", {}).get("decoupled_vocab", True) is not False
+    model = config.get("model", {})
+    if str(model.get("preset", "")).startswith("shapes-"):
+        return False
+    return version == 2 or (version == 1 and model.get("overrides", {}).get("decoupled_vocab", True) is not False)
 
 
 def machine() -> str:
@@ -169,6 +174,15 @@ class Ablation:
         cache = self.base.get("data", {}).get("codes_cache") or shared / "codes.safetensors"
         return (Path(given) if given else shared / "vq"), Path(cache)
 
+    def _shared_understanding_vq(self) -> str | None:
+        """The understanding encoder's own tokenizer every run reads, where the base model has one: the base
+        config's, or the one _shared_data trains beside the VQ."""
+        given = self.base.get("model", {}).get("understanding_vq")
+        if given:
+            return given
+        folder = self.out / "shared" / "understanding-vq"
+        return str(folder) if folder.is_dir() else None
+
     def _shared_data(self) -> tuple[Path, Path]:
         """Train the base config's VQ tokenizer once (resumable like any run) and cache the training images'
         codes with it; return the tokenizer's folder and the code cache's path, which every run reads."""
@@ -191,6 +205,8 @@ class Ablation:
     def run_config(self, variant: str, seed: int, vq_dir: Path, cache: Path) -> dict:
         raw = variant_config(self.base, variant)
         raw.setdefault("model", {})["vq"] = str(vq_dir)
+        if self._shared_understanding_vq():
+            raw["model"]["understanding_vq"] = self._shared_understanding_vq()
         raw.setdefault("data", {})["codes_cache"] = str(cache)
         run = raw.setdefault("run", {})
         # Scored once, at the end (score_model), so no evaluation during training; no mid-run checkpoints.

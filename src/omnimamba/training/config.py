@@ -75,6 +75,9 @@ class ModelSection:
     init: str | None = None      # an OmniMamba directory to start from
     mamba2: str | None = None    # a Mamba-2 checkpoint directory (state-spaces or transformers)
     vq: str | None = None        # LlamaGen's VQ checkpoint, or a VQ directory written by omnimamba
+    # a trained tokenizer directory for an understanding encoder of its own architecture (understanding.vq);
+    # None: the run trains one (run.out/understanding-vq)
+    understanding_vq: str | None = None
     tokenizer: str | None = None  # tokenizer.json (real presets); the Shapes tokenizer otherwise
     train_understanding: bool = False  # only for encoders without pretrained weights (shapes-tiny)
 
@@ -184,7 +187,7 @@ class TrainConfig:
                 raise UserError("data.source is 'files' and a stage trains MMU: set data.llava")
             if needs["t2i"] and not self.data.coco:
                 raise UserError("data.source is 'files' and a stage trains T2I: set data.coco")
-        for name in ("init", "mamba2", "vq", "tokenizer"):
+        for name in ("init", "mamba2", "vq", "understanding_vq", "tokenizer"):
             _check_path(getattr(self.model, name), f"model.{name}")
         for name in ("llava", "coco", "image_root"):
             _check_path(getattr(self.data, name), f"data.{name}")

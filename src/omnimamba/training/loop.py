@@ -27,7 +27,7 @@ from .stages import apply_freeze_plan, freeze_summary, never_trained
 from .step import forward_backward, micro_splits, share
 from ..evaluation.curves import UNDERSTANDING_VQ_STAGE, VQ_STAGE
 from ..vision.vq import VQModel
-from .vq import load_vq, save_vq, train_vq
+from .vq import load_into, save_vq, train_vq
 
 NO_DECAY = ("A_log", "D", "dt_bias", "norm", "bias", "embed", "pos_embed", "null_caption")
 
@@ -123,7 +123,7 @@ class Trainer:
         vq_file = m.vq if m.vq and Path(m.vq).is_file() else None
         model = OmniMamba.from_components(config, mamba2_path=m.mamba2, vq_path=vq_file)
         if m.vq and Path(m.vq).is_dir():
-            model.vq.load_state_dict(load_vq(m.vq).state_dict())
+            load_into(model.vq, m.vq, "model.vq")
             model.init_understanding_from_vq()
         return model.train()
 
@@ -138,25 +138,30 @@ class Trainer:
         """Train the embedded default's VQ tokenizer if asked (and no checkpoint was given), and, where the
         understanding encoder is a tokenizer encoder of another architecture (model.understanding.vq), a
         tokenizer of that architecture for it, on the same images with the same settings."""
-        v = self.cfg.vq_train
-        if self.cfg.model.init or v.steps == 0:
+        m, v = self.cfg.model, self.cfg.vq_train
+        if m.init:
             return
-        if not self.cfg.model.vq:
+        if not m.vq and v.steps:
             self._train_or_reuse_vq(self.model.vq, self.out / "vq", "VQ tokenizer", VQ_STAGE)
             self._init_understanding()
         own = self.model.config.understanding.vq
-        if own is not None:
+        if own is None or not (m.understanding_vq or v.steps):
+            return
+        if m.understanding_vq:
+            vq = load_into(VQModel(own), m.understanding_vq, "model.understanding_vq")
+            self.log(f"understanding tokenizer: {m.understanding_vq}")
+        else:
             vq = VQModel(own).to(self.device)
             self._train_or_reuse_vq(vq, self.out / "understanding-vq", "understanding tokenizer", UNDERSTANDING_VQ_STAGE)
-            self.model.init_understanding_from_vq(vq)
-            self.log("understanding encoder: initialised from the understanding tokenizer's encoder (frozen)")
+        self.model.init_understanding_from_vq(vq)
+        self.log("understanding encoder: initialised from the understanding tokenizer's encoder (frozen)")
 
     def _train_or_reuse_vq(self, vq, vq_dir: Path, what: str, stage: str) -> None:
         """Train `vq` on the training images and save it to vq_dir (rank 0; the others read it), or load the
         complete one a run left there."""
         v = self.cfg.vq_train
         if not verify_manifest(vq_dir, required=True):
-            vq.load_state_dict(load_vq(vq_dir).state_dict())
+            load_into(vq, vq_dir, what)
             self.log(f"{what}: reusing {vq_dir}")
             return
         if self.world is None:
@@ -173,7 +178,7 @@ class Trainer:
         if self.distributed:
             dist.barrier()
             self._written_by_rank0(vq_dir / "model.safetensors", f"the trained {what}")
-            vq.load_state_dict(load_vq(vq_dir).state_dict())
+            load_into(vq, vq_dir, what)
 
     def _written_by_rank0(self, path: Path, what: str) -> None:
         """Every rank reads what rank 0 wrote under run.out: over several nodes that needs a shared filesystem."""

@@ -124,6 +124,19 @@ def save_vq(vq: VQModel, path: str | Path) -> None:
         save_file({k: v.contiguous().cpu() for k, v in vq.state_dict().items()}, str(path / "model.safetensors"))
 
 
+def load_into(vq: VQModel, path: str | Path, what: str) -> VQModel:
+    """Load the tokenizer folder `path` (save_vq's) into `vq`, which must have its architecture; `what` names it in
+    the error (a run folder trained by another version, say)."""
+    saved = load_vq(path)
+    if saved.config != vq.config:
+        changed = [f"{f.name} {getattr(saved.config, f.name)!r} (wanted {getattr(vq.config, f.name)!r})"
+                   for f in dataclasses.fields(VQConfig) if getattr(saved.config, f.name) != getattr(vq.config, f.name)]
+        raise UserError(f"{what}: {path} holds a tokenizer of another architecture: {', '.join(changed)}; give the "
+                        f"folder of a tokenizer of this model's architecture, or a run.out without it to train one")
+    vq.load_state_dict(saved.state_dict())
+    return vq
+
+
 def load_vq(path: str | Path, config: VQConfig | None = None) -> VQModel:
     """A VQ directory written by `save_vq`, or LlamaGen's checkpoint file (e.g. vq_ds16_c2i.pt)."""
     path = Path(path)
