@@ -369,11 +369,18 @@ def test_caption_information_compares_own_other_and_null_captions():
         model.caption_embed.null_caption.normal_(0.0, 1.0)
     model.eval()
     world = ShapesWorld(ShapesConfig(image_size=model.config.vq.image_size), seed=0)
-    got = caption_information(model, tok, world, "test", n_images=4, batch_size=3)
-    assert got["own"] == pytest.approx(split_losses(model, tok, world, "test", n_images=4)["t2i_loss"], rel=1e-5)
+    got = caption_information(model, tok, world, "test", n_images=8, batch_size=3)
+    # it reads plain scenes only: with no texture in the world they are the split's first images, split_losses's
+    plain = ShapesWorld(ShapesConfig(image_size=model.config.vq.image_size, textured_background=0.0), seed=0)
+    assert caption_information(model, tok, plain, "test", n_images=4)["own"] == pytest.approx(
+        split_losses(model, tok, plain, "test", n_images=4)["t2i_loss"], rel=1e-5)
+    textured = [i for i in range(8) if world.sample("test", i).textured]
+    assert textured  # so `world`'s first 8 plain scenes are not its first 8 scenes
+    assert got["own"] != pytest.approx(split_losses(model, tok, world, "test", n_images=8)["t2i_loss"], rel=1e-5)
     assert got["information"] == pytest.approx(got["other"] - got["own"])
     assert got["guidance_gap"] == pytest.approx(got["null"] - got["own"])
-    assert abs(got["information"]) > 1e-4 and abs(got["guidance_gap"]) > 1e-4  # the caption changes the codes' loss
+    # the caption changes the codes' loss (ignored, both differences would be exactly 0: the same codes and batches)
+    assert abs(got["information"]) > 1e-5 and abs(got["guidance_gap"]) > 1e-5
 
     class OneCaption:  # every image captioned alike: another image's caption is this image's own
         def sample(self, split, i):
