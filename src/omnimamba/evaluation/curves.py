@@ -79,12 +79,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, smoothing: int 
                       if r.get(key) is not None and (stages is None or r["stage"] in stages))
         return (np.array([x for x, _ in rows]), np.array([y for _, y in rows], dtype=float)) if rows else None
 
+    drawn = 0
     for stage, label in ((VQ_STAGE, "generation (VQ)"), (UNDERSTANDING_VQ_STAGE, "understanding encoder's")):
         vq = series("recon_loss", {stage})
         if vq is not None:
             ax_vq.plot(vq[0], smooth(vq[1], smoothing), label=label)
             ax_vq.set_yscale("log")
-    if series("recon_loss", {UNDERSTANDING_VQ_STAGE}) is not None:
+            drawn += 1
+    if drawn > 1:
         ax_vq.legend(fontsize=8)
     ax_vq.set(title="tokenizers: reconstruction loss", xlabel="step")
     for key, label in (("mmu_loss", "MMU (answer tokens)"), ("t2i_loss", "T2I (image codes)")):

@@ -119,10 +119,10 @@ def caption_information(model, tokenizer, world, split: str = "test", n_images: 
     """How much the model's image codes depend on the caption, in nats per code (the loss as trained), over the
     tokenizer's codes of a split's first n_images images on a plain background (a textured background's noise is
     no caption's business, and a model trained with data.shapes.t2i_plain never saw it): under their own first
-    caption ('own'), under the
-    next image's caption ('other'; a lower bound where two images share a caption), and under the learned
-    null caption that guidance contrasts with ('null', None for a model without one). 'information' = other -
-    own: what the caption tells the model; 'guidance_gap' = null - own: the difference guidance amplifies."""
+    caption ('own'), under the next image's caption ('other'; a lower bound where two images share a caption),
+    and under the learned null caption that guidance contrasts with ('null', None for a model without one).
+    'information' = other - own: what the caption tells the model; 'guidance_gap' = null - own: the difference
+    guidance amplifies."""
     if n_images < 2:
         raise ValueError(f"caption_information needs at least 2 images, got {n_images}")
     was_training = model.training

@@ -180,7 +180,10 @@ class Ablation:
         given = self.base.get("model", {}).get("understanding_vq")
         if given:
             return given
-        folder = self.out / "shared" / "understanding-vq"
+        from ..evaluation.curves import UNDERSTANDING_VQ_STAGE
+        from .loop import TOKENIZER_FOLDERS
+
+        folder = self.out / "shared" / TOKENIZER_FOLDERS[UNDERSTANDING_VQ_STAGE]
         return str(folder) if folder.is_dir() else None
 
     def _shared_data(self) -> tuple[Path, Path]:
@@ -205,8 +208,9 @@ class Ablation:
     def run_config(self, variant: str, seed: int, vq_dir: Path, cache: Path) -> dict:
         raw = variant_config(self.base, variant)
         raw.setdefault("model", {})["vq"] = str(vq_dir)
-        if self._shared_understanding_vq():
-            raw["model"]["understanding_vq"] = self._shared_understanding_vq()
+        understanding_vq = self._shared_understanding_vq()
+        if understanding_vq:
+            raw["model"]["understanding_vq"] = understanding_vq
         raw.setdefault("data", {})["codes_cache"] = str(cache)
         run = raw.setdefault("run", {})
         # Scored once, at the end (score_model), so no evaluation during training; no mid-run checkpoints.

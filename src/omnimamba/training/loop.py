@@ -37,6 +37,8 @@ def _print(*args, **kwargs):
 
 
 GPU_LENGTH_MULTIPLE = 32
+# where a run keeps each tokenizer it trains, by its records' stage name
+TOKENIZER_FOLDERS = {VQ_STAGE: "vq", UNDERSTANDING_VQ_STAGE: "understanding-vq"}
 
 
 class Trainer:
@@ -142,7 +144,7 @@ class Trainer:
         if m.init:
             return
         if not m.vq and v.steps:
-            self._train_or_reuse_vq(self.model.vq, self.out / "vq", "VQ tokenizer", VQ_STAGE)
+            self._train_or_reuse_vq(self.model.vq, "VQ tokenizer", VQ_STAGE)
             self._init_understanding()
         own = self.model.config.understanding.vq
         if own is None or not (m.understanding_vq or v.steps):
@@ -152,14 +154,14 @@ class Trainer:
             self.log(f"understanding tokenizer: {m.understanding_vq}")
         else:
             vq = VQModel(own).to(self.device)
-            self._train_or_reuse_vq(vq, self.out / "understanding-vq", "understanding tokenizer", UNDERSTANDING_VQ_STAGE)
+            self._train_or_reuse_vq(vq, "understanding tokenizer", UNDERSTANDING_VQ_STAGE)
         self.model.init_understanding_from_vq(vq)
         self.log("understanding encoder: initialised from the understanding tokenizer's encoder (frozen)")
 
-    def _train_or_reuse_vq(self, vq, vq_dir: Path, what: str, stage: str) -> None:
-        """Train `vq` on the training images and save it to vq_dir (rank 0; the others read it), or load the
-        complete one a run left there."""
-        v = self.cfg.vq_train
+    def _train_or_reuse_vq(self, vq, what: str, stage: str) -> None:
+        """Train `vq` on the training images and save it to its folder (TOKENIZER_FOLDERS[stage]; rank 0, the
+        others read it), or load the complete one a run left there."""
+        v, vq_dir = self.cfg.vq_train, self.out / TOKENIZER_FOLDERS[stage]
         if not verify_manifest(vq_dir, required=True):
             load_into(vq, vq_dir, what)
             self.log(f"{what}: reusing {vq_dir}")
@@ -203,10 +205,10 @@ class Trainer:
                                             c.data.shapes.balance_existence)
             if needs_t2i:
                 plain = c.data.shapes.t2i_plain
-                image = self.world.plain_image if plain else (lambda split, i: self.world.sample(split, i).image)
-                codes = self._codes(lambda i: image("train", i), n, cache,
-                                    f"shapes seed={c.data.shapes.seed} size={c.data.shapes.image_size}"
-                                    f"{' plain' if plain else ''}")
+                images_of = ((lambda i: self.world.plain_image("train", i)) if plain
+                             else (lambda i: self.world.sample("train", i).image))
+                codes = self._codes(images_of, n, cache, f"shapes seed={c.data.shapes.seed} "
+                                    f"size={c.data.shapes.image_size}{' plain' if plain else ''}")
                 self.t2i_source = ShapesT2I(self.world, n, codes, c.run.seed)
         else:
             from ..data.formats import load_image, read_coco_captions
@@ -402,7 +404,7 @@ class Trainer:
 
     def _cut_logs(self, start: dict | None) -> None:
         """Make the run's logs end where it (re)starts (see MetricsLog.cut)."""
-        done = {stage for stage, folder in ((VQ_STAGE, "vq"), (UNDERSTANDING_VQ_STAGE, "understanding-vq"))
+        done = {stage for stage, folder in TOKENIZER_FOLDERS.items()
                 if not verify_manifest(self.out / folder, required=True)}
         self.metrics.cut(start, [stage.name for stage in self.cfg.stages], done)
 
