@@ -388,3 +388,20 @@ def test_caption_information_compares_own_other_and_null_captions():
 
     assert caption_information(model, tok, OneCaption(), "test", n_images=4)["information"] == pytest.approx(0.0,
                                                                                                          abs=1e-6)
+
+
+def test_a_given_vq_still_shares_one_understanding_tokenizer(tmp_path):
+    """With model.vq given, the understanding encoder's own tokenizer is still trained once, in the shared
+    folder, and every run reads it rather than training one of its own."""
+    from omnimamba.model import preset
+    from omnimamba.training.ablation import Ablation
+    from omnimamba.training.vq import save_vq
+    from omnimamba.vision.vq import VQModel
+
+    save_vq(VQModel(preset("shapes-tiny").vq), tmp_path / "given-vq")
+    base = {**json.loads(json.dumps(BASE)), "model": {"preset": "shapes-tiny", "vq": str(tmp_path / "given-vq")}}
+    ablation = Ablation(base, tmp_path / "abl", ["full"], seeds=[0], log=lambda *a: None)
+    vq_dir, cache = ablation._shared_data()
+    assert vq_dir == tmp_path / "given-vq" and (tmp_path / "abl" / "shared" / "understanding-vq").is_dir()
+    raw = ablation.run_config("full", 0, vq_dir, cache)
+    assert raw["model"]["understanding_vq"] == str(tmp_path / "abl" / "shared" / "understanding-vq")

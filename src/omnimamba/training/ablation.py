@@ -187,8 +187,9 @@ class Ablation:
         return str(folder) if folder.is_dir() else None
 
     def _shared_data(self) -> tuple[Path, Path]:
-        """Train the base config's VQ tokenizer once (resumable like any run) and cache the training images'
-        codes with it; return the tokenizer's folder and the code cache's path, which every run reads."""
+        """Train the base config's tokenizers once (resumable like any run: the VQ unless given, the understanding
+        encoder's own where the model has one) and cache the training images' codes; return the VQ's folder and the
+        code cache's path, which every run reads."""
         from .config import config_from_dict
         from .loop import Trainer
 
@@ -196,8 +197,7 @@ class Ablation:
         raw = copy.deepcopy(self.base)
         raw.setdefault("run", {}).update({"out": str(self.out / "shared"), "seed": 0, "tensorboard": False})
         raw.setdefault("data", {})["codes_cache"] = str(cache)
-        if raw.get("model", {}).get("vq"):  # a given tokenizer: nothing to train
-            raw.setdefault("vq_train", {})["steps"] = 0
+        # a given VQ is not trained again (prepare_vq), but an understanding encoder's own tokenizer still is
         trainer = Trainer(config_from_dict(raw), log=self.log)
         trainer.out.mkdir(parents=True, exist_ok=True)
         trainer.prepare_vq()
