@@ -104,9 +104,10 @@ def _gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state0: Tensor | None, veri
         return chunk_simple_gla(q, k, v, g=g, scale=1.0, initial_state=state0, output_final_state=True,
                                 state_v_first=True)
     n = k.size(-1)
-    pad = (0, VERIFIED_K - n)
-    q, k = F.pad(q, pad), F.pad(k, pad)
-    state0 = None if state0 is None else F.pad(state0, pad)
+    if n < VERIFIED_K:  # F.pad copies even when it adds nothing: only where there is something to add
+        pad = (0, VERIFIED_K - n)
+        q, k = F.pad(q, pad), F.pad(k, pad)
+        state0 = None if state0 is None else F.pad(state0, pad)
     # ChunkSimpleGLAFunction.apply(q, k, v, g, g_gamma, scale, initial_state, output_final_state,
     #                              state_v_first, cu_seqlens, cu_seqlens_cpu, chunk_size) in fla 0.6
     y, final = _verified_scan_function().apply(q, k, v, g, None, 1.0, state0, True, True, None, None, None)
