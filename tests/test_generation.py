@@ -28,6 +28,20 @@ def test_sampling_follows_the_distribution():
     torch.testing.assert_close(freq, torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0), atol=0.015, rtol=0)
 
 
+@pytest.mark.parametrize("rows,vocab,temperature,top_k", [(1, 50, 1.0, 0), (32, 16384, 1.0, 0), (3, 7, 0.7, 3)])
+def test_sampling_draws_what_torch_multinomial_draws(rows, vocab, temperature, top_k):
+    """sample_next_token avoids torch.multinomial's synchronising check but draws the same tokens from the same
+    generator and leaves it in the same state, so seeded results made with multinomial still reproduce."""
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows)) * 3
+    for seed in range(3):
+        ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        for _ in range(4):  # consecutive draws: the generators stay in step
+            probs = torch.softmax(filter_logits(logits / temperature, top_k), -1)
+            expected = torch.multinomial(probs, 1, generator=theirs).squeeze(-1)
+            assert torch.equal(sample_next_token(logits, temperature, top_k, generator=ours), expected)
+        assert torch.equal(ours.get_state(), theirs.get_state())
+
+
 def test_greedy_is_argmax():
     logits = torch.randn(4, 10)
     assert torch.equal(sample_next_token(logits, temperature=0), logits.argmax(-1))

@@ -46,7 +46,11 @@ def sample_next_token(
         return logits.argmax(dim=-1)
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # torch.multinomial(probs, 1) draws exactly this (exponential noise from the same generator, argmax of
+    # probs / noise: the same tokens, the generator left in the same state), but first checks the
+    # probabilities with a .item(), which waits for the GPU at every token; this leaves the GPU a step ahead.
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(dim=-1)
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
