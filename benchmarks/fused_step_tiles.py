@@ -44,12 +44,20 @@ def bench(fn, reps: int) -> float:
     return a.elapsed_time(b) / (reps * 8) * 1e3
 
 
-def tiles(in_proj: bool) -> dict:
-    out = {"gemv": fs._IN_TILE_ONE_ROW if in_proj else fs._OUT_TILE_ONE_ROW}  # the CUDA-core tiles
-    for bn in (16, 32, 64) if in_proj else (16, 32):
+def tiles(in_proj: bool, m: int) -> dict:
+    """Candidate launches for m rows: CUDA-core tiles (one row) and tensor-core tiles."""
+    out = {"gemv": fs._IN_TILE_ONE_ROW if in_proj else fs._OUT_TILE_ONE_ROW}  # the committed CUDA-core tiles
+    if m == 1:
+        for bn in (16, 32, 64) if in_proj else (4, 8, 16):
+            for bk in (128, 256, 512, 1024):
+                for warps, stages in ((4, 2), (4, 3), (8, 3)):
+                    if 2048 <= bn * bk <= 16384:
+                        out[f"gemv n{bn} k{bk} w{warps} s{stages}"] = {
+                            "DOT": False, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
+    for bn in ((16, 32, 64) if in_proj else (16, 32)) if m > 1 else ():  # one row: tensor cores lose (2026-11)
         for bk in (64, 128, 256) if in_proj else (128, 256):
             for st in (3, 4):
-                if bn * bk <= 8192:
+                if bn * bk <= 8192 and (m <= 16 or bk <= 128 or bn <= 32):
                     out[f"dot n{bn} k{bk} s{st}"] = {"DOT": True, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4,
                                                      "num_stages": st}
     return out
@@ -58,8 +66,10 @@ def tiles(in_proj: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--out", default=str(RESULTS / "fused_step_tiles.json"))
     a = ap.parse_args()
+    fs.PDL = False  # each launch timed on its own; what PDL changes is measured on whole steps (profile_decode.py)
     torch.manual_seed(0)
     dev, bf = "cuda", torch.bfloat16
     rows = []
@@ -75,7 +85,7 @@ def main() -> None:
     K, N, C, LO = 2048, 8512, 4352, 4096  # in_proj; the conv channels are [4096, 8448)
     W = [torch.randn(N, K, device=dev, dtype=bf) * 0.02 for _ in range(8)]
     nw, cw, cb = torch.rand(K, device=dev) + 0.5, torch.randn(C, 4, device=dev), torch.randn(C, device=dev)
-    for m in (1, 2, 4, 8):
+    for m in a.rows:
         h = torch.randn(m, K, device=dev)
         ss = h.pow(2).sum(-1, keepdim=True)
         pristine = torch.randn(m, C, 4, device=dev, dtype=bf)
@@ -84,7 +94,7 @@ def main() -> None:
         t_cublas = bench(lambda i: F.linear(x, W[i]), a.reps)
         exact = F.linear(x.float(), W[0].float())
         plain = torch.cat([exact[:, :LO], exact[:, LO + C:]], 1)
-        for name, tile in tiles(True).items():
+        for name, tile in tiles(True, m).items():
             try:
                 y = fs.in_proj_gemv(h, ss, nw, 1e-5, W[0], pristine.clone(), cw, cb, LO, tile=tile).float()
                 got = torch.cat([y[:, :LO], y[:, LO + C:]], 1)
@@ -98,14 +108,14 @@ def main() -> None:
     KO, NO = 4096, 2048
     WO = [torch.randn(NO, KO, device=dev, dtype=bf) * 0.02 for _ in range(8)]
     gw = torch.rand(KO, device=dev) + 0.5
-    for m in (1, 2, 4, 8):
+    for m in a.rows:
         y = torch.randn(m, KO, device=dev, dtype=bf)
         ss = y.float().pow(2).sum(-1, keepdim=True)
         h = torch.randn(m, NO, device=dev)
         xo = (y.float() * torch.rsqrt(ss / KO + 1e-5) * gw).to(bf)
         truth = h + F.linear(xo.float(), WO[0].float())
         t_cublas = bench(lambda i: F.linear(xo, WO[i]), a.reps)
-        for name, tile in tiles(False).items():
+        for name, tile in tiles(False, m).items():
             try:
                 out, sso = fs.out_proj_residual(y, ss, gw, 1e-5, WO[0], h, tile=tile)
                 t = bench(lambda i: fs.out_proj_residual(y, ss, gw, 1e-5, WO[i], h, tile=tile), a.reps)
@@ -116,7 +126,8 @@ def main() -> None:
             report({"proj": "out_proj", "m": m, "tile": name, "us": t, "GB_s": NO * KO * 2 / t / 1e3,
                     "cublas_us": t_cublas, "rel_err": float((out - truth).norm() / truth.norm()),
                     "sumsq_rel_err": float(((sso.sum(-1) - squares).abs() / squares).max())})
-    Path(a.out).write_text(json.dumps({"command": "python benchmarks/fused_step_tiles.py",
+    Path(a.out).write_text(json.dumps({"command": "python benchmarks/fused_step_tiles.py --rows "
+                                       + " ".join(map(str, a.rows)),
                                        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                        "rows": rows}, indent=1))
 

@@ -16,6 +16,7 @@ import torch
 
 import gpu_common as gc
 from mmu_long_generation import build_omnimamba
+from omnimamba.ops import fused_step
 
 
 def replay_ms(runner, inputs, n: int = 200) -> float:
@@ -76,7 +77,23 @@ def main() -> None:
             runner = model._step_runner("text", b, torch.device("cuda"), True)
             ms = replay_ms(runner, (tokens, tokens))
             rows.append({"batch": b, "step": f"text, {'fused' if fused else 'unfused'}, LoRA merged", "ms": ms})
-        for row in rows[-4:]:
+        # past 8 rows (and up to 32) the fused step's three-kernel few-rows path against its five-kernel GEMM path
+        variants = []
+        if fused_step.GEMV_ROWS < b <= 32:
+            variants += [(f"{k} kernels per layer (FEW_ROWS {rows_})", {"FEW_ROWS": rows_})
+                         for k, rows_ in (("three", b), ("five", fused_step.GEMV_ROWS))]
+        for name, settings in variants:
+            saved = {k: getattr(fused_step, k) for k in settings}
+            for k, v in settings.items():
+                setattr(fused_step, k, v)
+            model._runners.clear()
+            runner = model._step_runner("text", b, torch.device("cuda"), True)
+            rows.append({"batch": b, "step": f"text, fused, LoRA merged, {name}", "ms": replay_ms(runner, (tokens, tokens))})
+            for k, v in saved.items():
+                setattr(fused_step, k, v)
+            model._runners.clear()
+        print(f"fused step default: FEW_ROWS {fused_step.FEW_ROWS}")
+        for row in rows[len(rows) - 4 - len(variants):]:
             print(f"batch {b} {row['step']}, graphed: {row['ms']:.3f} ms")
         for fused in (False, True):
             model.backbone.fused_decode = fused

@@ -111,6 +111,32 @@ def test_fused_step_matches_the_unfused_step_bf16(batch):
         assert errors[key] < 2e-2 * errors[f"{key}_scale"], (key, errors)
 
 
+@pytest.mark.parametrize("batch", [16, 32])  # the few-rows path past 8 rows (tiles of 16 and 32 rows)
+def test_fused_step_few_rows_path_past_eight_rows_bf16(batch, monkeypatch):
+    from helpers.fused_step_parity import compare
+    from omnimamba.ops import fused_step
+
+    monkeypatch.setattr(fused_step, "FEW_ROWS", 32)
+    errors = compare(batch, torch.bfloat16, "cuda")
+    for key in ("out", "conv", "ssm"):
+        assert errors[key] < 2e-2 * errors[f"{key}_scale"], (key, errors)
+
+
+def test_sampling_on_the_gpu_draws_what_multinomial_draws_and_never_waits_for_it():
+    from omnimamba.generation import sample_next_token
+
+    logits = torch.randn(32, 16384, device="cuda") * 3
+    ours, theirs = (torch.Generator(device="cuda").manual_seed(0) for _ in range(2))
+    expected = torch.multinomial(torch.softmax(logits, -1), 1, generator=theirs).squeeze(-1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+    try:
+        got = sample_next_token(logits, 1.0, generator=ours)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got, expected)
+
+
 @torch.no_grad()
 def test_decode_takes_the_fused_step_and_it_matches_the_unfused_one_in_bf16():
     """The bf16 model's teacher-forced logits, fused and unfused, each against float32 truth."""

@@ -18,15 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # up to 8 rows each projection is one kernel with its norm (in_proj with the conv, out_proj with the residual),
-# its products on CUDA cores (gemv) or tensor cores (dot); 3 rows: masked rows; 20: the GEMM path
-@pytest.mark.parametrize("batch,proj", [(1, "default"), (1, "dot"), (3, "gemv"), (3, "dot"), (20, "default")])
-def test_fused_step_matches_the_unfused_step_in_the_triton_interpreter(batch, proj):
+# its products on CUDA cores (gemv) or tensor cores (dot); 3 rows: masked rows; 20: the GEMM path, and the
+# few-rows path's tiles of 32 rows (taken by 16-bit weights when FEW_ROWS is above 8)
+@pytest.mark.parametrize("batch,proj,few_rows", [(1, "default", 0), (1, "dot", 0), (3, "gemv", 0), (3, "dot", 0),
+                                                 (20, "default", 0), (20, "dot", 32)])
+def test_fused_step_matches_the_unfused_step_in_the_triton_interpreter(batch, proj, few_rows):
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("on a GPU the compiled kernels are tested instead (test_decode_gpu.py)")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
     out = subprocess.run([sys.executable, str(ROOT / "tests/helpers/fused_step_parity.py"), "--batch", str(batch),
-                          "--device", "cpu", "--proj", proj], env=env, capture_output=True, text=True, timeout=600)
+                          "--device", "cpu", "--proj", proj, "--few-rows", str(few_rows)], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     errors = json.loads(out.stdout.strip().splitlines()[-1])
     assert errors["shape"] == [batch, 64]

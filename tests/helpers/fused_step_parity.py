@@ -15,9 +15,10 @@ from omnimamba.mamba2.model import Mamba2LM
 from omnimamba.ops import fused_step
 
 
-def compare(batch: int, dtype: torch.dtype, device: str, steps: int = 3) -> dict:
+def compare(batch: int, dtype: torch.dtype, device: str, steps: int = 3, fused_values: list | None = None) -> dict:
     """The largest absolute differences fused - unfused over `steps` decode steps after a 5-token prefill, and the
-    largest magnitudes of the unfused values (`out_scale`, `conv_scale`, `ssm_scale`)."""
+    largest magnitudes of the unfused values (`out_scale`, `conv_scale`, `ssm_scale`). fused_values: a list that
+    receives each step's fused output, conv state and SSM state (copies)."""
     torch.manual_seed(0)
     cfg = Mamba2Config(d_model=64, n_layer=2, vocab_size=100, pad_vocab_size_multiple=8, headdim=16, d_state=32,
                        chunk_size=16, conv_bias=True)
@@ -42,6 +43,8 @@ def compare(batch: int, dtype: torch.dtype, device: str, steps: int = 3) -> dict
             ref = bb.step(emb, ref_cache)
             out = fused_step.decode_step(bb.layers, [b.mixer.in_proj.weight for b in bb.layers], emb,
                                          fused_cache.conv, fused_cache.ssm, bb.norm_f.weight, bb.norm_f.eps)
+            if fused_values is not None:
+                fused_values.extend(t.clone() for t in (out, fused_cache.conv, fused_cache.ssm))
             for key, (x, y) in {"out": (out, ref), "conv": (fused_cache.conv, ref_cache.conv),
                                 "ssm": (fused_cache.ssm, ref_cache.ssm)}.items():
                 errors[key] = max(errors[key], (x.float() - y.float()).abs().max().item())
@@ -58,14 +61,22 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--proj", choices=["default", "gemv", "dot"], default="default",
                     help="the few-rows path's projections on CUDA cores (gemv) or tensor cores (dot) "
-                    "(default: CUDA cores for one row, the committed choice for more)")
+                    "(default: the committed choice; one row takes the 16-bit one-row tiles in float32 too)")
+    ap.add_argument("--few-rows", type=int, default=0,
+                    help="take the few-rows path up to this many rows whatever the dtype (default: the module's)")
     a = ap.parse_args()
-    if a.proj != "default":  # the same launches for every row count
+    fs = fused_step
+    if a.proj == "default" and a.batch == 1:  # float32 weights: one row on the 16-bit models' one-row tiles
+        fs._IN_TILE_FP32, fs._OUT_TILE_FP32 = fs._IN_TILE_ONE_ROW, fs._OUT_TILE_ONE_ROW
+    elif a.proj != "default":  # the same launches for every row count and dtype
         dot = a.proj == "dot"
-        fs = fused_step
-        fs._IN_TILE = fs._IN_TILE_ONE_ROW = fs._IN_TILE if dot else fs._IN_TILE_ONE_ROW
-        fs._OUT_TILE = fs._OUT_TILE_ONE_ROW = ({"DOT": True, "BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4,
-                                                "num_stages": 3} if dot else fs._OUT_TILE_ONE_ROW)
+        fs._IN_TILE = fs._IN_TILE_ONE_ROW = fs._IN_TILE_MANY = fs._IN_TILE_FP32 = (
+            fs._IN_TILE if dot else fs._IN_TILE_FP32)
+        fs._OUT_TILE = fs._OUT_TILE_ONE_ROW = fs._OUT_TILE_MANY = fs._OUT_TILE_FP32 = (
+            {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3} if dot
+            else fs._OUT_TILE_FP32)
+    if a.few_rows:
+        fs.few_rows = lambda m, dtype: m <= a.few_rows
     print(json.dumps(compare(a.batch, getattr(torch, a.dtype), a.device, a.steps)))
 
 

@@ -35,7 +35,10 @@ from torch import Tensor
 from .triton_step import _ssd_decode_kernel
 
 D_CONV = 4
-GEMV_ROWS = 8  # batch sizes up to this take the GEMV path
+GEMV_ROWS = 8  # CUDA-core (GEMV) tiles hold at most this many rows; float32 weights take the few-rows path up to it
+# 16-bit weights: batch sizes up to this take the few-rows path (three kernels per layer, tensor-core tiles
+# from 2 rows), more the five-kernel GEMM path
+FEW_ROWS = 8
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -57,11 +60,19 @@ _GEMV_PRODUCTS = 8192
 # weight copies so L2 holds none; benchmarks/fused_step_tiles.py, results/fused_step_tiles.json), us per call:
 #   in_proj (K 2048, N 8512)   1 row 14.3 CUDA cores / 15.0 best tensor-core tile; 2, 4, 8 rows 22.7, 31.0, 52.3 / 16.1
 #   out_proj (K 4096, N 2048)  1 row 8.7 / 12.1; 2 rows 11.1 / 12.1; 4, 8 rows 17.8, 28.6 / 12.1
-_IN_TILE_ONE_ROW = {"DOT": False, "BLOCK_N": 32, "BLOCK_K": None, "num_warps": 4, "num_stages": 3}
+# and a wider sweep of one-row CUDA-core tiles (results/fused_step_tiles_rows_1_16_32.json, another H200):
+#   in_proj 16 columns x 256 of K 13.7 against 14.1 for the earlier 32 x 256; out_proj 4 x 1024 7.9 against 8.3
+_IN_TILE_ONE_ROW = {"DOT": False, "BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
 _IN_TILE = {"DOT": True, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}  # 2 rows and more
 _OUT_GEMV_ROWS = 2  # out_proj on CUDA cores up to this many rows
-_OUT_TILE_ONE_ROW = {"DOT": False, "BLOCK_N": 8, "BLOCK_K": None, "num_warps": 4, "num_stages": 2}
+_OUT_TILE_ONE_ROW = {"DOT": False, "BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2}
 _OUT_TILE = {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
+# float32 weights, up to GEMV_ROWS rows on CUDA cores: BLOCK_K from the register budget (_gemv_block_k)
+_IN_TILE_FP32 = {"DOT": False, "BLOCK_N": 32, "BLOCK_K": None, "num_warps": 4, "num_stages": 3}
+_OUT_TILE_FP32 = {"DOT": False, "BLOCK_N": 8, "BLOCK_K": None, "num_warps": 4, "num_stages": 2}
+# More than GEMV_ROWS rows on the few-rows path (FEW_ROWS above 8): the rows padded to 16, 32 or 64.
+_IN_TILE_MANY = dict(_IN_TILE)
+_OUT_TILE_MANY = dict(_OUT_TILE)
 # float32 weights (a test or reference mode) keep the CUDA-core tiles: the tensor-core ones would need 128-144 KB
 # of shared memory there, more than many GPUs have.
 _DOT_TILE = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
@@ -264,6 +275,11 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def few_rows(m: int, dtype: torch.dtype) -> bool:
+    """Whether m rows take the three-kernel path for weights of this dtype."""
+    return m <= (GEMV_ROWS if dtype == torch.float32 else max(FEW_ROWS, GEMV_ROWS))
+
+
 def _block_m(m: int) -> int:
     return triton.next_power_of_2(m) if m <= GEMV_ROWS else 16 if m <= 16 else 32 if m <= 32 else 64
 
@@ -310,14 +326,14 @@ def in_proj_gemv(h: Tensor, sumsq: Tensor, norm_weight: Tensor, eps: float, weig
                  conv_weight: Tensor, conv_bias: Tensor | None, conv_lo: int, tile: dict | None = None) -> Tensor:
     """RMSNorm(h) (M <= GEMV_ROWS, K), its rstd from the row sums of squares sumsq (M, n), @ weight (N, K)^T ->
     (M, N) in the weight's dtype, the columns [conv_lo, conv_lo + C) through the conv step + SiLU;
-    conv_state (M, C, 4) shifted in place, conv_weight (C, 4). `tile`: the launch (default: `_IN_TILE_ONE_ROW`
-    for one row or float32 weights, else `_IN_TILE`)."""
+    conv_state (M, C, 4) shifted in place, conv_weight (C, 4). `tile`: the launch (default: `_IN_TILE_FP32` for
+    float32 weights, `_IN_TILE_ONE_ROW` for one row, `_IN_TILE` up to GEMV_ROWS rows, else `_IN_TILE_MANY`)."""
     m, k = h.shape
     n = weight.size(0)
     _check_conv(conv_state, conv_weight)
     out = torch.empty(m, n, device=h.device, dtype=weight.dtype)
-    dot, launch = _few_rows_launch(
-        tile or (_IN_TILE_ONE_ROW if m == 1 or weight.dtype == torch.float32 else _IN_TILE), m, k)
+    dot, launch = _few_rows_launch(tile or (_IN_TILE_FP32 if weight.dtype == torch.float32 else _IN_TILE_ONE_ROW
+                                            if m == 1 else _IN_TILE if m <= GEMV_ROWS else _IN_TILE_MANY), m, k)
     _in_proj_gemv_kernel[(triton.cdiv(n, launch["BLOCK_N"]),)](
         h, h.stride(0), sumsq, sumsq.size(1), norm_weight, eps, weight, out, conv_state, conv_weight,
         conv_bias if conv_bias is not None else conv_weight, m, n, k, conv_lo, conv_lo + conv_state.size(1),
@@ -368,11 +384,13 @@ def out_proj_residual(y: Tensor, sumsq: Tensor, norm_weight: Tensor, eps: float,
                       tile: dict | None = None) -> tuple[Tensor, Tensor]:
     """GEMV path: h + (gated RMSNorm of y, from its sums of squares) @ weight (N, K)^T. Returns the new h
     (M, N) float32 and its sums of squares per column tile (M, N / BLOCK_N). `tile`: the launch (default:
-    `_OUT_TILE_ONE_ROW` up to `_OUT_GEMV_ROWS` rows or for float32 weights, else `_OUT_TILE`)."""
+    `_OUT_TILE_FP32` for float32 weights, `_OUT_TILE_ONE_ROW` up to `_OUT_GEMV_ROWS` rows, `_OUT_TILE` up to
+    GEMV_ROWS, else `_OUT_TILE_MANY`)."""
     m, k = y.shape
     n = weight.size(0)
-    dot, launch = _few_rows_launch(
-        tile or (_OUT_TILE_ONE_ROW if m <= _OUT_GEMV_ROWS or weight.dtype == torch.float32 else _OUT_TILE), m, k)
+    dot, launch = _few_rows_launch(tile or (_OUT_TILE_FP32 if weight.dtype == torch.float32 else _OUT_TILE_ONE_ROW
+                                            if m <= _OUT_GEMV_ROWS else _OUT_TILE if m <= GEMV_ROWS
+                                            else _OUT_TILE_MANY), m, k)
     tiles = triton.cdiv(n, launch["BLOCK_N"])
     out = torch.empty(m, n, device=y.device, dtype=torch.float32)
     sumsq_out = torch.empty(m, tiles, device=y.device, dtype=torch.float32)
@@ -404,7 +422,7 @@ def decode_step(blocks, in_weights: list[Tensor], embeds: Tensor, conv: Tensor, 
     route; conv (n_layer, M, C, 4) and ssm (n_layer, M, h, p, n) are updated in place."""
     m = embeds.size(0)
     embeds = embeds.contiguous()
-    if m <= GEMV_ROWS:
+    if few_rows(m, in_weights[0].dtype):
         h = embeds
         sumsq = embeds.float().pow(2).sum(-1, keepdim=True)
         for i, (block, w) in enumerate(zip(blocks, in_weights)):
