@@ -170,3 +170,18 @@ def test_chunked_scan_gradients_equal_the_recurrences():
     steps = grads(recurrence)
     for got, want in zip(chunked, steps):
         assert rel_err(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("g,dim", [(1, 2), (2, 2), (4, 1), (2, -2)])
+def test_heads_from_groups_is_repeat_interleave_values_and_gradients(g, dim):
+    from omnimamba.ops.reference import heads_from_groups
+
+    shape = [2, 5, 3, 6]
+    shape[dim] = g
+    t = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    ours, theirs = heads_from_groups(t, 8, dim), t.repeat_interleave(8 // g, dim=dim)
+    assert ours.shape == theirs.shape and torch.equal(ours, theirs)
+    w = torch.randn_like(theirs)
+    (g_ours,) = torch.autograd.grad((ours * w).sum(), t)
+    (g_theirs,) = torch.autograd.grad((theirs * w).sum(), t)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-12, atol=1e-12)

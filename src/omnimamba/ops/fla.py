@@ -134,9 +134,8 @@ def ssd_chunked(
         return reference.ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
 
     h = x.size(2)
-    rep = h // B.size(2)
-    k = B.repeat_interleave(rep, dim=2).to(x.dtype)
-    q = C.repeat_interleave(rep, dim=2).to(x.dtype)
+    k = reference.heads_from_groups(B, h, dim=2).to(x.dtype)
+    q = reference.heads_from_groups(C, h, dim=2).to(x.dtype)
     v = (x * dt[..., None].to(x.dtype))
     g = (dt * A.to(dt.dtype)).float()
     state0 = None if initial_state is None else initial_state.float()

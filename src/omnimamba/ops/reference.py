@@ -34,9 +34,15 @@ def _segsum(x: Tensor) -> Tensor:
     return out.masked_fill(~on_or_below, float("-inf"))
 
 
-def _heads_from_groups(t: Tensor, nheads: int, dim: int) -> Tensor:
-    # B and C are shared by the h/g heads of a group (grouped-value layout of mamba_ssm).
-    return t.repeat_interleave(nheads // t.size(dim), dim=dim)
+def heads_from_groups(t: Tensor, nheads: int, dim: int) -> Tensor:
+    """B and C are shared by the h/g heads of a group (grouped-value layout of mamba_ssm): t's `dim` of g
+    groups repeated to nheads, each group's heads side by side (t.repeat_interleave(h // g, dim)). Written as
+    an expand and one copy: repeat_interleave gathers through an index, and its backward scatter-adds."""
+    dim = dim % t.dim()
+    g = t.size(dim)
+    shape = list(t.shape)
+    shape.insert(dim + 1, nheads // g)
+    return t.unsqueeze(dim + 1).expand(shape).flatten(dim, dim + 1)
 
 
 def ssd_chunked(
@@ -113,8 +119,8 @@ def ssd_step(
     h = x.size(1)
     cdt = _compute_dtype(state.dtype)  # a bf16 state is updated in float32 and rounded when stored
     dt = dt.to(cdt)
-    B = _heads_from_groups(B, h, dim=1).to(cdt)
-    C = _heads_from_groups(C, h, dim=1).to(cdt)
+    B = heads_from_groups(B, h, dim=1).to(cdt)
+    C = heads_from_groups(C, h, dim=1).to(cdt)
     xc = x.to(cdt)
     decay = torch.exp(dt * A.to(cdt))
     new = state.to(cdt) * decay[..., None, None] + torch.einsum("bh,bhp,bhn->bhpn", dt, xc, B)
