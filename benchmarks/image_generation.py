@@ -14,7 +14,10 @@ Rows:
 The baselines produce codes only; omnimamba's time is given with and without decoding them to pixels.
 Greedy decoding (the same cost as sampling) keeps a conditional row and its unconditional twin on one code.
 
-    python benchmarks/image_generation.py [--images 16] [--guidance 3] [--repeat 3]
+    python benchmarks/image_generation.py [--images 16] [--guidance 3] [--repeat 3] [--profile FILE]
+
+--profile FILE: torch.profiler over one graphed `omnimamba` generation after the timed ones (the kernels of a
+whole image, the graph replays and what runs between them), written to results/logs/FILE.
 """
 
 from __future__ import annotations
@@ -45,6 +48,26 @@ class GuidanceMix:
         return torch.cat([mixed, mixed])
 
 
+def profile_generation(fn, name: str, n: int, guidance: float, rows: int = 25) -> None:
+    """torch.profiler over one call of `fn` (warm: its graphs are captured): operators by CUDA time, then by
+    CPU time (what the host does between graph replays), written to logs/`name` and printed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    text = (f"# python benchmarks/image_generation.py --profile {name}: one generation of {n} images, guidance "
+            f"{guidance} ({2 * n} rows), graphed, bf16 state\n## by CUDA time\n"
+            + averages.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60)
+            + "\n## by CPU time\n"
+            + averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+    print(text)
+    gc.write_log(name, text)
+
+
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,6 +76,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--systems", nargs="+", default=["omnimamba", "omnimamba-eager", "omnimamba-fp32-state",
                                                      "llama-stock", "llama-static-compile"])
+    ap.add_argument("--profile", metavar="FILE", help="profile one graphed omnimamba generation into logs/FILE")
     args = ap.parse_args()
     info = gc.device_info()
     bandwidth = gc.copy_bandwidth()
@@ -94,7 +118,8 @@ def main() -> None:
                 return model.vq.decode(codes_only(graph))
 
             def measure(graph=graph):
-                codes_s, codes = gc.median_seconds(codes_only, args.repeat)
+                # two warm-up calls: the step's graph is captured in the first, the recurring prefill's in the second
+                codes_s, codes = gc.median_seconds(codes_only, args.repeat, warmup=2)
                 total_s, pixels = gc.median_seconds(images, args.repeat)
                 assert codes.shape == (n, tokens) and pixels.shape[0] == n
                 return {"seconds": total_s, "images_per_s": n / total_s, "codes_seconds": codes_s,
@@ -104,6 +129,8 @@ def main() -> None:
             roofline = 1e3 * (weights + 2 * cache.nbytes) / bandwidth
             del cache
             record({"system": system, "images": n, "roofline_ms_per_step": roofline}, measure)
+            if args.profile and system == "omnimamba":
+                profile_generation(codes_only, args.profile, n, args.guidance)
         del model
         torch.cuda.empty_cache()
 

@@ -49,7 +49,10 @@ def build_omnimamba():
 
 
 @torch.no_grad()
-def run_omnimamba(model, length: int, window: int, graph: bool, batch: int = 1) -> dict:
+def run_omnimamba(model, length: int, window: int, graph: bool, batch: int = 1,
+                  stop_at_eot: bool = False) -> dict:
+    """stop_at_eot: decode as an answer does (checking after each token whether every row has ended), else
+    `window` tokens whatever comes."""
     cfg = model.config
     size = cfg.understanding.image_size
     pixels = torch.rand(batch, 3, size, size, device="cuda", dtype=torch.bfloat16)
@@ -59,7 +62,7 @@ def run_omnimamba(model, length: int, window: int, graph: bool, batch: int = 1) 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = gc.sync_time()
-    steps = model.generate_text(pixels, prompt, max_new_tokens=window, stream=True, stop_at_eot=False,
+    steps = model.generate_text(pixels, prompt, max_new_tokens=window, stream=True, stop_at_eot=stop_at_eot,
                                 use_cuda_graph=graph)
     next(steps)  # prefill and the first token
     t1 = gc.sync_time()
@@ -68,6 +71,7 @@ def run_omnimamba(model, length: int, window: int, graph: bool, batch: int = 1) 
     n = sum(1 for _ in steps)
     t2 = gc.sync_time()
     return {"tokens_per_s": batch * n / (t2 - t1), "ms_per_token": 1e3 * (t2 - t1) / n, "prefill_s": t1 - t0,
+            "tokens": n + 1,
             "peak_decode_GiB": gc.gib(torch.cuda.max_memory_allocated()), "peak_prefill_GiB": gc.gib(prefill_peak)}
 
 

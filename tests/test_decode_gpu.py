@@ -191,6 +191,53 @@ def test_graphed_generation_equals_eager_generation():
         assert torch.equal(eager, graphed)
 
 
+@torch.no_grad()
+def test_a_recurring_prefill_replays_from_a_graph_and_changes_nothing():
+    model = model_on("fla", torch.bfloat16)
+    model.decode_state_dtype = torch.bfloat16
+    prefixes = [t2i_prefix(TOK, c, model.config.max_caption_tokens) for c in ("a red circle", "two big squares")]
+    ids, mask = pad_left([p for p, _ in prefixes], TOK.special.eot)  # rows of two lengths: left padding
+    cap, _ = pad_left([m for _, m in prefixes], False)
+    args = (ids.cuda(), mask.cuda(), cap.bool().cuda())
+    eager = model.generate_image_codes(*args, guidance_scale=3.0, temperature=0.0, use_cuda_graph=False)
+    runs = [model.generate_image_codes(*args, guidance_scale=3.0, temperature=0.0) for _ in range(3)]
+    (runner,) = model._runners._runners.values()
+    assert len(runner.prefills) == 1  # the first prefill ran eagerly, the second captured, the third replayed
+    assert all(torch.equal(eager, r) for r in runs)
+
+    pixels, prompt = mmu_inputs(2)
+    pixels = pixels.bfloat16()
+    prompt_mask = torch.ones_like(prompt)
+    prompt_mask[0, :5] = 0  # a shorter first prompt
+    eager = model.generate_text(pixels, prompt, prompt_mask, max_new_tokens=10, stop_at_eot=False,
+                                use_cuda_graph=False)
+    runs = [model.generate_text(pixels, prompt, prompt_mask, max_new_tokens=10, stop_at_eot=False)
+            for _ in range(3)]
+    assert all(torch.equal(eager, r) for r in runs)
+    text_runner = next(r for k, r in model._runners._runners.items() if k[0] == "text")
+    assert len(text_runner.prefills) == 1
+
+
+@torch.no_grad()
+def test_graphed_text_generation_stops_where_every_row_has_ended():
+    model = model_on("fla", torch.bfloat16)
+    answer_logits, end, calls = model.answer_logits, model.special.end, []
+
+    def ending(hidden):  # row 0 ends at step 3, row 1 at step 6
+        logits = answer_logits(hidden)
+        for row, at in ((0, 3), (1, 6)):
+            if len(calls) >= at:
+                logits[row, end] = 1e4
+        calls.append(1)
+        return logits
+
+    model.answer_logits = ending
+    pixels, prompt = mmu_inputs(2)
+    tokens = model.generate_text(pixels.bfloat16(), prompt, max_new_tokens=20)
+    assert tokens.shape == (2, 7) and len(calls) == 7
+    assert (tokens[0, 3:] == end).all() and tokens[1, 6] == end and (tokens[1, :6] != end).all()
+
+
 def test_a_gpu_decodes_with_a_bf16_state_by_default():
     model = model_on("fla")
     model.decode_state_dtype = "auto"  # the default

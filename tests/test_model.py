@@ -117,6 +117,33 @@ def test_text_generation_batched_equals_one_by_one_and_streams():
 
 
 @torch.no_grad()
+def test_text_generation_stops_at_the_step_where_every_row_has_ended():
+    model = make_model().eval()
+    end = model.special.end
+    answer_logits = model.answer_logits
+    calls = []
+
+    def ending(hidden):  # row 0 ends at step 2, row 1 at step 4
+        logits = answer_logits(hidden)
+        step = len(calls)
+        calls.append(step)
+        for row, at in ((0, 2), (1, 4)):
+            if step >= at:
+                logits[row, end] = 1e4
+        return logits
+
+    model.answer_logits = ending
+    images = torch.rand(2, 3, 64, 64)
+    ids, mask = pad_left([TOK.encode("user: how many circles are there? assistant:")] * 2, TOK.special.eot)
+    tokens = model.generate_text(images, ids, mask, max_new_tokens=10)
+    assert tokens.shape == (2, 5) and len(calls) == 5  # no token sampled past the step where both ended
+    assert (tokens[0, 2:] == end).all() and tokens[1, 4] == end and (tokens[1, :4] != end).all()
+    calls.clear()
+    assert torch.equal(model.generate_text(images, ids, mask, max_new_tokens=10, stop_at_eot=False)[:, :2],
+                       tokens[:, :2])
+
+
+@torch.no_grad()
 def test_chunked_prefill_equals_the_whole_prefill():
     """prefill_chunk: the prompt (image, left-padded text) in chunks that continue the cache, the first
     holding padding and real positions, gives the same states and tokens (float64: rounding stays far below

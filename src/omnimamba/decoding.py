@@ -4,7 +4,9 @@ A Mamba decode step is a fixed sequence of a few hundred small kernels over fixe
 weights and the `Mamba2Cache`); launching them one by one from Python costs more than running them. A
 `StepRunner` captures one step once per (batch size, task route) and replays it: the inputs are copied into
 static buffers, the cache is updated in place, and the output lands in a static buffer that the next replay
-overwrites (read it, or clone it, before the next step).
+overwrites (read it, or clone it, before the next step). A prefill (a whole prompt into the cache) is a fixed
+sequence of kernels too, for a given batch and length: `PrefillGraphs` graphs those that recur over a step
+runner's cache, since launching a short prompt's prefill eagerly takes longer than running it.
 
 Off CUDA, or with `use_graph=False`, the runner calls the step eagerly; both give the same numbers.
 """
@@ -28,12 +30,15 @@ class StepRunner:
     """
 
     def __init__(self, fn: Callable[..., Tensor], cache: Mamba2Cache, example_inputs: tuple[Tensor, ...],
-                 use_graph: bool, warmup: int = 2, pool=None, capture_error_mode: str = "global"):
+                 use_graph: bool, warmup: int = 2, pool=None, capture_error_mode: str = "global",
+                 advance: int = 1):
         """pool: a memory pool (torch.cuda.graph_pool_handle()) shared with other runners that never replay
         at the same time; capture_error_mode "thread_local" lets other threads use CUDA during the capture
-        (a server's request threads)."""
+        (a server's request threads); advance: positions one call adds to the cache (1 for a step)."""
         self.fn = fn
         self.cache = cache
+        self.advance = advance
+        self.prefills = PrefillGraphs()
         self.in_use = False  # held by a running generation (set by its owner)
         self.graph: torch.cuda.CUDAGraph | None = None
         if not use_graph:
@@ -60,8 +65,47 @@ class StepRunner:
         for buffer, value in zip(self.inputs, inputs):
             buffer.copy_(value)
         self.graph.replay()
-        self.cache.seqlen_offset += 1  # the step's Python-side bookkeeping does not replay
+        self.cache.seqlen_offset += self.advance  # the step's Python-side bookkeeping does not replay
         return self.output
+
+
+class PrefillGraphs:
+    """Graphed prefills over one step runner's cache, by prompt length: a length's first prefill runs eagerly
+    (a capture costs about three prefills, and most lengths may never recur), its second and later ones are
+    replayed from a graph captured then. The `max_size` most recently used lengths are kept."""
+
+    def __init__(self, max_size: int = 8):
+        self.max_size = max_size
+        self._graphs: OrderedDict[tuple, StepRunner | None] = OrderedDict()
+
+    def __call__(self, prefill: Callable[[Tensor, Tensor], Tensor], cache: Mamba2Cache, x: Tensor,
+                 mask: Tensor, tag: tuple = ()) -> Tensor:
+        """prefill(x, mask) -> last hidden states, run into `cache` (which must be fresh: reset, offset 0),
+        eagerly or replayed. `tag`: whatever else the prefill's kernels depend on. The graph's output is a
+        static buffer: clone it before the next replay."""
+        key = (tuple(x.shape), x.dtype, tuple(mask.shape), mask.dtype, *tag)
+        if key not in self._graphs:  # first sighting: eagerly, and remember the length
+            self._remember(key, None)
+            return prefill(x, mask)
+        graph = self._graphs[key]
+        self._graphs.move_to_end(key)
+        if graph is None:
+            def fresh_prefill(x, mask):  # each warm-up and the capture start from a fresh cache
+                cache.seqlen_offset = 0
+                return prefill(x, mask)
+
+            graph = StepRunner(fresh_prefill, cache, (x, mask), True, advance=x.size(1))
+            self._remember(key, graph)
+        return graph(x, mask)
+
+    def _remember(self, key: tuple, graph: StepRunner | None) -> None:
+        self._graphs[key] = graph
+        self._graphs.move_to_end(key)
+        while len(self._graphs) > self.max_size:
+            self._graphs.popitem(last=False)
+
+    def __len__(self) -> int:
+        return sum(g is not None for g in self._graphs.values())
 
 
 class StepRunnerPool:

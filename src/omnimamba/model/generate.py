@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..decoding import StepRunner, graphs_enabled
 from ..errors import UserError
-from ..generation import check_sampling_args, make_generator, sample_next_token
+from ..generation import DoneFlag, check_sampling_args, make_generator, sample_next_token
 from ..lora import TaskLoRALinear
 from ..sequence import pad_rows_left
 
@@ -32,6 +32,10 @@ class GenerationMixin:
     # Prefill a long prompt this many positions at a time (0: all at once), each chunk continuing the cache the
     # last one left: the prefill's activations then grow with the chunk, not with the prompt. Same result.
     prefill_chunk: int = 0
+    # Graphed generation replays a recurring prefill (same batch and prompt length, seen before) as a CUDA graph
+    # up to this many positions (decoding.PrefillGraphs): a short prompt's prefill is ~30 eager kernels per layer,
+    # whose launches take longer than running them. Longer prefills run eagerly. 0: never.
+    graph_prefill_max: int = 2048
 
     def state_dtype_on(self, device) -> torch.dtype | None:
         """The SSM state's dtype for decoding on `device` (decode_state_dtype resolved; None is float32)."""
@@ -50,6 +54,15 @@ class GenerationMixin:
             part = None if mask is None else mask[:, start:start + chunk]
             hidden = self.backbone(x[:, start:start + chunk], cache=cache, mask=part, task=task)[:, -1]
         return hidden
+
+    def _prefill_runner(self, runner: StepRunner, x: Tensor, mask: Tensor, task: str | None) -> Tensor:
+        """prefill() into a step runner's fresh cache: replayed from a graph where the runner is graphed and
+        the prompt recurs (see graph_prefill_max), else eagerly. Returns the last hidden states (b, d), a
+        static buffer for a graph: clone it."""
+        if not runner.graphed or mask is None or x.size(1) > self.graph_prefill_max:
+            return self.prefill(x, runner.cache, mask, task)
+        return runner.prefills(lambda x, mask: self.prefill(x, runner.cache, mask, task), runner.cache, x, mask,
+                               tag=(self.prefill_chunk,))
 
     @contextmanager
     def _decoder(self, kind: str, batch_size: int, device: torch.device, use_cuda_graph: bool | None):
@@ -146,21 +159,23 @@ class GenerationMixin:
         self.check_mmu_length(int(next_position.max()) + max_new_tokens - 1)  # fail before decoding, not midway
         device = x.device
         with self._decoder("text", b, device, use_cuda_graph) as runner:
-            hidden = self.prefill(x, runner.cache, mask, self._route("mmu")).clone()
+            hidden = self._prefill_runner(runner, x, mask, self._route("mmu")).clone()
             del x, mask  # nothing as long as the prompt outlives the prefill: decoding memory stays constant
             generator = make_generator(seed, device)
             finished = torch.zeros(b, dtype=torch.bool, device=device)
+            done = DoneFlag(device)
             end = self.special.end
             for i in range(max_new_tokens):
                 token = sample_next_token(self.answer_logits(hidden), temperature, top_k, top_p, generator)
                 if stop_at_eot:
                     token = token.masked_fill(finished, end)
                     finished |= token == end
+                    done.post(finished.all())
                 yield token
-                if stop_at_eot and bool(finished.all()):
-                    return
-                if i < max_new_tokens - 1:
+                if i < max_new_tokens - 1:  # queued before the host learns whether it is needed (DoneFlag)
                     hidden = runner(token, next_position + i)
+                if stop_at_eot and done.read():
+                    return
 
     def mmu_prefill_inputs(self, pixel_values: Tensor, prompt_ids: Tensor, prompt_mask: Tensor | None = None
                            ) -> tuple[Tensor, Tensor, Tensor]:
@@ -240,7 +255,7 @@ class GenerationMixin:
         start = torch.full((prefix_ids.size(0),), self.t2i_image_start, device=prefix_ids.device)
         with self._decoder("image", prefix_ids.size(0), prefix_ids.device, use_cuda_graph) as runner:
             x = self.t2i_prefix_embeddings(prefix_ids, prefix_mask, caption_mask, drop)
-            hidden = self.prefill(x, runner.cache, prefix_mask, self._route("t2i")).clone()
+            hidden = self._prefill_runner(runner, x, prefix_mask, self._route("t2i")).clone()
             del x
             generator = make_generator(seed, prefix_ids.device)
             codes = []
