@@ -3,7 +3,8 @@
 # Usage: bash benchmarks/run_gpu.sh [PART ...]
 #   all (default)  every part below, in order (scaling too where the machine has 2 GPUs)
 #   tests          the GPU tests (kernel parity, graphed decode, the fast scan backward)
-#   decode         the decode-step profile and batch-1 long MMU decoding against the LLaMA baselines
+#   decode         the decode-step profile, batch-1 long MMU decoding against the LLaMA baselines, and what an
+#                  answer's end check costs
 #   decode-batch   16 and 64 sequences decoding together at 1k / 16k / 100k (chunked prefill)
 #   images         16 (all systems), 64 and 128 guided images
 #   training       stage-2 training throughput, with and without activation checkpointing, and its profile
@@ -38,8 +39,9 @@ for part in "${parts[@]}"; do
     tests)
         run gpu_tests.log python3 -m pytest tests/test_ops_gpu.py tests/test_decode_gpu.py -p no:cacheprovider ;;
     decode)
-        run profile_decode.log python3 benchmarks/profile_decode.py --batch 1 32
-        run mmu_long_generation.log python3 benchmarks/mmu_long_generation.py ;;
+        run profile_decode.log python3 benchmarks/profile_decode.py --batch 1 16 32
+        run mmu_long_generation.log python3 benchmarks/mmu_long_generation.py
+        run answer_decode.log python3 benchmarks/answer_decode.py ;;
     decode-batch)  # many sequences decoding together; long prompts prefilled in chunks
         for b in 16 64; do
             run "mmu_long_generation_batch$b.log" python3 benchmarks/mmu_long_generation.py --batch $b \
