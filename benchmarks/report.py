@@ -133,7 +133,7 @@ def main() -> None:
              "measured by `bash benchmarks/run_gpu.sh` (the scripts' docstrings say what each row is).", ""]
     sections = (("mmu_long_generation", mmu_section), ("mmu_long_generation_batch16", mmu_section),
                 ("mmu_long_generation_batch64", mmu_section), ("image_generation", image_section),
-                ("image_generation_128", image_section),
+                ("image_generation_64", image_section), ("image_generation_128", image_section),
                 ("training_throughput", training_section), ("training_throughput_loss_chunk", training_section),
                 ("training_throughput_checkpointing", training_section),
                 *((f"training_scaling_{n}", training_section) for n in ("1gpu", "2gpu_ddp", "2gpu_fsdp", "2gpu_fsdp_shard_frozen")))
