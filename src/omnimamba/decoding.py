@@ -74,7 +74,7 @@ class PrefillGraphs:
     (a capture costs about three prefills, and most lengths may never recur), its second and later ones are
     replayed from a graph captured then. The `max_size` most recently used lengths are kept."""
 
-    def __init__(self, max_size: int = 8):
+    def __init__(self, max_size: int = 4):
         self.max_size = max_size
         self._graphs: OrderedDict[tuple, StepRunner | None] = OrderedDict()
 

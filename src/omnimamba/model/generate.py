@@ -33,8 +33,9 @@ class GenerationMixin:
     # last one left: the prefill's activations then grow with the chunk, not with the prompt. Same result.
     prefill_chunk: int = 0
     # Graphed generation replays a recurring prefill (same batch and prompt length, seen before) as a CUDA graph
-    # up to this many positions (decoding.PrefillGraphs): a short prompt's prefill is ~30 eager kernels per layer,
-    # whose launches take longer than running them. Longer prefills run eagerly. 0: never.
+    # up to this many positions, batch x length (decoding.PrefillGraphs): a short prompt's prefill is ~30 eager
+    # kernels per layer, whose launches take longer than running them. Larger prefills run eagerly, so a graph's
+    # own buffers stay small (tens of MB at 1.3B). 0: never.
     graph_prefill_max: int = 2048
 
     def state_dtype_on(self, device) -> torch.dtype | None:
@@ -59,7 +60,7 @@ class GenerationMixin:
         """prefill() into a step runner's fresh cache: replayed from a graph where the runner is graphed and
         the prompt recurs (see graph_prefill_max), else eagerly. Returns the last hidden states (b, d), a
         static buffer for a graph: clone it."""
-        if not runner.graphed or mask is None or x.size(1) > self.graph_prefill_max:
+        if not runner.graphed or mask is None or x.size(0) * x.size(1) > self.graph_prefill_max:
             return self.prefill(x, runner.cache, mask, task)
         return runner.prefills(lambda x, mask: self.prefill(x, runner.cache, mask, task), runner.cache, x, mask,
                                tag=(self.prefill_chunk,))
