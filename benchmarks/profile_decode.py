@@ -19,6 +19,21 @@ from mmu_long_generation import build_omnimamba
 from omnimamba.ops import fused_step
 
 
+# (name, in_proj launch changes, out_proj launch changes) for the one-row step; LATE_RSTD / EARLY_CONV are the
+# fused kernels' flags (ops/fused_step.py)
+ONE_ROW_VARIANTS = [
+    ("in_proj late rstd", {"LATE_RSTD": True}, {}),
+    ("in_proj early conv", {"EARLY_CONV": True}, {}),
+    ("in_proj late rstd + early conv", {"LATE_RSTD": True, "EARLY_CONV": True}, {}),
+    ("in_proj 8 warps", {"num_warps": 8}, {}),
+    ("out_proj 8 warps", {}, {"num_warps": 8}),
+    ("out_proj 8 columns 8 warps", {}, {"BLOCK_N": 8, "num_warps": 8}),
+    ("out_proj late rstd", {}, {"LATE_RSTD": True}),
+    ("in_proj late rstd + early conv, out_proj 8 warps late rstd", {"LATE_RSTD": True, "EARLY_CONV": True},
+     {"num_warps": 8, "LATE_RSTD": True}),
+]
+
+
 def replay_ms(runner, inputs, n: int = 200) -> float:
     for _ in range(10):
         runner(*inputs)
@@ -82,6 +97,11 @@ def main() -> None:
         if fused_step.GEMV_ROWS < b <= 32:
             variants += [(f"{k} kernels per layer (FEW_ROWS {rows_})", {"FEW_ROWS": rows_})
                          for k, rows_ in (("three", b), ("five", fused_step.GEMV_ROWS))]
+        if b == 1:  # the one-row launches against others (benchmarks/gemv_variants.py times each kernel alone)
+            one_in, one_out = fused_step._IN_TILE_ONE_ROW, fused_step._OUT_TILE_ONE_ROW
+            for name, tin, tout in ONE_ROW_VARIANTS:
+                variants.append((f"one-row {name}", {"_IN_TILE_ONE_ROW": {**one_in, **tin},
+                                                     "_OUT_TILE_ONE_ROW": {**one_out, **tout}}))
         for name, settings in variants:
             saved = {k: getattr(fused_step, k) for k in settings}
             for k, v in settings.items():
@@ -89,6 +109,7 @@ def main() -> None:
             model._runners.clear()
             runner = model._step_runner("text", b, torch.device("cuda"), True)
             rows.append({"batch": b, "step": f"text, fused, LoRA merged, {name}", "ms": replay_ms(runner, (tokens, tokens))})
+            print(f"batch {b} {rows[-1]['step']}, graphed: {rows[-1]['ms']:.3f} ms", flush=True)
             for k, v in saved.items():
                 setattr(fused_step, k, v)
             model._runners.clear()

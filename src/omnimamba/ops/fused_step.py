@@ -75,8 +75,14 @@ _IN_TILE_MANY = dict(_IN_TILE)
 _OUT_TILE_MANY = dict(_OUT_TILE)
 # float32 weights (a test or reference mode) keep the CUDA-core tiles: the tensor-core ones would need 128-144 KB
 # of shared memory there, more than many GPUs have.
-_DOT_TILE = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+# The GEMM path's out_proj: 16-bit weights at 32 rows (16 guided images), 8 K slices, on an H200
+# (benchmarks/gemv_variants.py, results/gemv_variants.json): 128 x 64 tiles 4 stages deep 7.6 us, the earlier
+# 64 x 64 x 3 8.4, cuBLAS (input already normed) 10.0. float32 weights keep the smaller tile (shared memory).
+_DOT_TILE = {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
+_DOT_TILE_FP32 = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 _K_GRANULE = _DOT_TILE["BLOCK_K"]  # out_proj's K slices are whole numbers of K tiles
+# The norm kernel (one program per row, K = d_model) at 4 / 8 / 16 warps, 32 rows: 4.1 / 3.1 / 2.5 us (same file).
+_NORM_THREAD_ELEMENTS = 4  # warps = K / (32 x this), 4 to 16
 
 
 def _gemv_block_k(block_m: int, block_n: int, k: int) -> int:
@@ -101,21 +107,34 @@ def _mac_dot(acc, x, w, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _conv_update(v, rm, c, cmask, is_conv, conv, conv_w, conv_b, stride_cm, stride_cc, stride_cw,
-                 HAS_CONV_BIAS: tl.constexpr):
-    """The depthwise conv step + SiLU of values v (BM, BC) at conv channels c: the channel's window becomes
-    [s1, s2, s3, v]. Each element's four slots are read, then written, by one thread, so the shift is in place."""
+def _conv_load(rm, c, cmask, is_conv, conv, conv_w, conv_b, stride_cm, stride_cc, stride_cw,
+               HAS_CONV_BIAS: tl.constexpr):
+    """What the conv step of conv channels c needs besides the new values: the window's slots 1-3 (BM, BC)
+    and the channel's four weights and bias (BC,), in float32."""
     base = conv + rm[:, None] * stride_cm + c[None, :] * stride_cc
     s1 = tl.load(base + 1, mask=cmask, other=0.0).to(tl.float32)
     s2 = tl.load(base + 2, mask=cmask, other=0.0).to(tl.float32)
     s3 = tl.load(base + 3, mask=cmask, other=0.0).to(tl.float32)
     wc = conv_w + c * stride_cw
-    y = (s1 * tl.load(wc, mask=is_conv, other=0.0).to(tl.float32)[None, :]
-         + s2 * tl.load(wc + 1, mask=is_conv, other=0.0).to(tl.float32)[None, :]
-         + s3 * tl.load(wc + 2, mask=is_conv, other=0.0).to(tl.float32)[None, :]
-         + v * tl.load(wc + 3, mask=is_conv, other=0.0).to(tl.float32)[None, :])
+    w0 = tl.load(wc, mask=is_conv, other=0.0).to(tl.float32)
+    w1 = tl.load(wc + 1, mask=is_conv, other=0.0).to(tl.float32)
+    w2 = tl.load(wc + 2, mask=is_conv, other=0.0).to(tl.float32)
+    w3 = tl.load(wc + 3, mask=is_conv, other=0.0).to(tl.float32)
     if HAS_CONV_BIAS:
-        y += tl.load(conv_b + c, mask=is_conv, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(conv_b + c, mask=is_conv, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros_like(w0)
+    return s1, s2, s3, w0, w1, w2, w3, bias
+
+
+@triton.jit
+def _conv_apply(v, win, rm, c, cmask, conv, stride_cm, stride_cc):
+    """The depthwise conv step + SiLU of values v (BM, BC), from `_conv_load`'s window `win`: the channel's
+    window becomes [s1, s2, s3, v]. Each element's four slots are read, then written, by one thread, so the
+    shift is in place."""
+    s1, s2, s3, w0, w1, w2, w3, bias = win
+    y = s1 * w0[None, :] + s2 * w1[None, :] + s3 * w2[None, :] + v * w3[None, :] + bias[None, :]
+    base = conv + rm[:, None] * stride_cm + c[None, :] * stride_cc
     cdt = conv.dtype.element_ty
     tl.store(base, s1.to(cdt), mask=cmask)
     tl.store(base + 1, s2.to(cdt), mask=cmask)
@@ -155,13 +174,22 @@ def _norm_kernel(parts, stride_pp, stride_pm, res, stride_rm, res_out, x_out, we
 def _in_proj_gemv_kernel(h, stride_hm, sumsq, n_sumsq, norm_w, eps, w, out, conv, conv_w, conv_b,
                          M, N, K, conv_lo, conv_hi, stride_cm, stride_cc, stride_cw,
                          HAS_CONV_BIAS: tl.constexpr, BLOCK_SS: tl.constexpr, DOT: tl.constexpr,
-                         IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         LATE_RSTD: tl.constexpr = False, EARLY_CONV: tl.constexpr = False):
     """out (M, N) = RMSNorm(h) @ w^T; the columns in [conv_lo, conv_hi) then take the conv step + SiLU.
-    DOT: the products on tensor cores (the rows padded to BLOCK_M >= 16), else on CUDA cores."""
+    DOT: the products on tensor cores (the rows padded to BLOCK_M >= 16), else on CUDA cores. LATE_RSTD: the
+    products of h * w_norm, scaled by each row's rstd after the loop (rounded to the weight dtype before the
+    scaling, not after). EARLY_CONV: the conv windows read before the loop, their latency hidden under it."""
     pid_n = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mm, mn = rm < M, rn < N
+    is_conv = (rn >= conv_lo) & (rn < conv_hi) & mn
+    c = tl.where(is_conv, rn - conv_lo, 0)
+    cmask = mm[:, None] & is_conv[None, :]
+    if EARLY_CONV:
+        win = _conv_load(rm, c, cmask, is_conv, conv, conv_w, conv_b, stride_cm, stride_cc, stride_cw,
+                         HAS_CONV_BIAS)
     rstd = _rstd(sumsq, n_sumsq, rm, mm, K, eps, BLOCK_SS)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc3 = tl.zeros([BLOCK_M, BLOCK_N, 1 if DOT else BLOCK_K], tl.float32)
@@ -171,7 +199,10 @@ def _in_proj_gemv_kernel(h, stride_hm, sumsq, n_sumsq, norm_w, eps, w, out, conv
         ht = tl.load(h + rm[:, None] * stride_hm + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
         g = tl.load(norm_w + rk, mask=mk, other=0.0).to(tl.float32)
         # the normed input rounded to the weight dtype, as the unfused step feeds its GEMM
-        xt = (ht.to(tl.float32) * rstd[:, None] * g[None, :]).to(w.dtype.element_ty)
+        if LATE_RSTD:
+            xt = (ht.to(tl.float32) * g[None, :]).to(w.dtype.element_ty)
+        else:
+            xt = (ht.to(tl.float32) * rstd[:, None] * g[None, :]).to(w.dtype.element_ty)
         wt = tl.load(w + rn[:, None] * K + rk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
         if DOT:
             acc = _mac_dot(acc, xt, wt, IEEE)
@@ -179,10 +210,13 @@ def _in_proj_gemv_kernel(h, stride_hm, sumsq, n_sumsq, norm_w, eps, w, out, conv
             acc3 = _mac_gemv(acc3, xt.to(tl.float32), wt)
     if not DOT:
         acc = tl.sum(acc3, axis=2)
+    if LATE_RSTD:
+        acc = acc * rstd[:, None]
     v = acc.to(out.dtype.element_ty).to(tl.float32)  # in_proj's output as the unfused step has it
-    is_conv = (rn >= conv_lo) & (rn < conv_hi) & mn
-    y = _conv_update(v, rm, tl.where(is_conv, rn - conv_lo, 0), mm[:, None] & is_conv[None, :], is_conv,
-                     conv, conv_w, conv_b, stride_cm, stride_cc, stride_cw, HAS_CONV_BIAS)
+    if not EARLY_CONV:
+        win = _conv_load(rm, c, cmask, is_conv, conv, conv_w, conv_b, stride_cm, stride_cc, stride_cw,
+                         HAS_CONV_BIAS)
+    y = _conv_apply(v, win, rm, c, cmask, conv, stride_cm, stride_cc)
     result = tl.where(is_conv[None, :], y, v)
     tl.store(out + rm[:, None] * N + rn[None, :], result.to(out.dtype.element_ty), mask=mm[:, None] & mn[None, :])
 
@@ -216,7 +250,8 @@ def _conv_kernel(zx, stride_zm, conv, conv_w, conv_b, M, conv_lo, n_conv, stride
 @triton.jit
 def _out_proj_body(y, sumsq, n_sumsq, gnorm_w, eps, w, out, res, stride_rm, sumsq_out, M, N, K, k_split,
                    GEMV: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr, BLOCK_SS: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LATE_RSTD: tl.constexpr,
+                   NO_GNORM: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -231,8 +266,14 @@ def _out_proj_body(y, sumsq, n_sumsq, gnorm_w, eps, w, out, res, stride_rm, sums
         rk = k0 + tl.arange(0, BLOCK_K)
         mk = (rk < K) & (rk < k_lo + k_split)
         yt = tl.load(y + rm[:, None] * K + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
-        g = tl.load(gnorm_w + rk, mask=mk, other=0.0).to(tl.float32)
-        xt = (yt * rstd[:, None] * g[None, :]).to(w.dtype.element_ty)
+        if NO_GNORM:  # timing experiments only: what the norm weight's loads cost
+            g = tl.full([BLOCK_K], 1.0, tl.float32)
+        else:
+            g = tl.load(gnorm_w + rk, mask=mk, other=0.0).to(tl.float32)
+        if LATE_RSTD:
+            xt = (yt * g[None, :]).to(w.dtype.element_ty)
+        else:
+            xt = (yt * rstd[:, None] * g[None, :]).to(w.dtype.element_ty)
         wt = tl.load(w + rn[:, None] * K + rk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
         if GEMV:
             acc3 = _mac_gemv(acc3, xt.to(tl.float32), wt)
@@ -240,6 +281,8 @@ def _out_proj_body(y, sumsq, n_sumsq, gnorm_w, eps, w, out, res, stride_rm, sums
             acc = _mac_dot(acc, xt, wt, IEEE)
     if GEMV:
         acc = tl.sum(acc3, axis=2)
+    if LATE_RSTD:
+        acc = acc * rstd[:, None]
     omask = mm[:, None] & mn[None, :]
     if RESIDUAL:  # h' = h + out_proj(...), and its sums of squares over this column tile
         acc += tl.load(res + rm[:, None] * stride_rm + rn[None, :], mask=omask, other=0.0).to(tl.float32)
@@ -252,19 +295,20 @@ def _out_proj_body(y, sumsq, n_sumsq, gnorm_w, eps, w, out, res, stride_rm, sums
 @triton.jit
 def _out_proj_gemv_kernel(y, sumsq, n_sumsq, gnorm_w, eps, w, out, res, stride_rm, sumsq_out, M, N, K, k_split,
                           GEMV: tl.constexpr, IEEE: tl.constexpr, BLOCK_SS: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LATE_RSTD: tl.constexpr = False,
+                          NO_GNORM: tl.constexpr = False):
     """The few-rows path's out_proj: residual added, sums of squares per column tile; GEMV: products on CUDA
     cores, else on tensor cores (rows padded to BLOCK_M >= 16)."""
     _out_proj_body(y, sumsq, n_sumsq, gnorm_w, eps, w, out, res, stride_rm, sumsq_out, M, N, K, k_split,
-                   GEMV, True, IEEE, BLOCK_SS, BLOCK_M, BLOCK_N, BLOCK_K)
+                   GEMV, True, IEEE, BLOCK_SS, BLOCK_M, BLOCK_N, BLOCK_K, LATE_RSTD, NO_GNORM)
 
 
 @triton.jit
 def _out_proj_dot_kernel(y, sumsq, n_sumsq, gnorm_w, eps, w, out, M, N, K, k_split,
                          GEMV: tl.constexpr, IEEE: tl.constexpr, BLOCK_SS: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LATE_RSTD: tl.constexpr = False):
     _out_proj_body(y, sumsq, n_sumsq, gnorm_w, eps, w, out, out, 0, out, M, N, K, k_split,
-                   GEMV, False, IEEE, BLOCK_SS, BLOCK_M, BLOCK_N, BLOCK_K)
+                   GEMV, False, IEEE, BLOCK_SS, BLOCK_M, BLOCK_N, BLOCK_K, LATE_RSTD, False)
 
 
 # --- launchers -----------------------------------------------------------------------------------------------
@@ -284,10 +328,14 @@ def _block_m(m: int) -> int:
     return triton.next_power_of_2(m) if m <= GEMV_ROWS else 16 if m <= 16 else 32 if m <= 32 else 64
 
 
-def _k_split(m: int, n: int, k: int, device: torch.device) -> int:
+def _dot_tile(dtype: torch.dtype) -> dict:
+    return _DOT_TILE_FP32 if dtype == torch.float32 else _DOT_TILE
+
+
+def _k_split(m: int, n: int, k: int, device: torch.device, block_n: int) -> int:
     """Columns per slice of K for the GEMM out_proj, so that its grid covers the GPU about twice (2048 outputs
-    make 16-64 column tiles per row tile); at most 8 slices, each a whole number of K tiles."""
-    tiles = triton.cdiv(n, 64) * triton.cdiv(m, _block_m(m))
+    make 16-32 column tiles per row tile); at most 8 slices, each a whole number of K tiles."""
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, _block_m(m))
     want = max(1, 2 * _multiprocessors(device) // tiles)
     split = 1
     while split * 2 <= min(want, 8) and k % (split * 2 * _K_GRANULE) == 0:
@@ -302,8 +350,10 @@ def norm(parts: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> 
     res_out = torch.empty(m, k, device=parts.device, dtype=torch.float32)
     x = torch.empty(m, k, device=parts.device, dtype=weight.dtype)
     res = residual if residual is not None else res_out
+    block_k = triton.next_power_of_2(k)
+    warps = max(4, min(16, block_k // (32 * _NORM_THREAD_ELEMENTS)))
     _norm_kernel[(m,)](parts, parts.stride(0), parts.stride(1), res, res.stride(0), res_out, x, weight, eps, k,
-                       N_PARTS=s, HAS_RES=residual is not None, BLOCK_K=triton.next_power_of_2(k), num_warps=4)
+                       N_PARTS=s, HAS_RES=residual is not None, BLOCK_K=block_k, num_warps=warps)
     return x, res_out
 
 
@@ -405,13 +455,14 @@ def out_proj_partials(y: Tensor, sumsq: Tensor, norm_weight: Tensor, eps: float,
     K (their sum is the projection)."""
     m, k = y.shape
     n = weight.size(0)
-    k_split = _k_split(m, n, k, y.device)
+    tile = _dot_tile(weight.dtype)
+    k_split = _k_split(m, n, k, y.device, tile["BLOCK_N"])
     out = torch.empty(k // k_split, m, n, device=y.device, dtype=torch.float32)
     bm = _block_m(m)
-    grid = (triton.cdiv(n, _DOT_TILE["BLOCK_N"]), triton.cdiv(m, bm), k // k_split)
+    grid = (triton.cdiv(n, tile["BLOCK_N"]), triton.cdiv(m, bm), k // k_split)
     _out_proj_dot_kernel[grid](y, sumsq, sumsq.size(1), norm_weight, eps, weight, out, m, n, k, k_split, GEMV=False,
                                IEEE=weight.dtype == torch.float32, BLOCK_SS=triton.next_power_of_2(sumsq.size(1)),
-                               BLOCK_M=bm, **_DOT_TILE)
+                               BLOCK_M=bm, **tile)
     return out
 
 
