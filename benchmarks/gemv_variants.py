@@ -243,9 +243,10 @@ def run_image_kernels(rows: list, reps: int, dev: str) -> None:
 
 
 def run_fused(rows: list, reps: int, check: bool, dev: str) -> None:
-    """The fused step's one-row projections (norm, conv / residual included) at other launches: LATE_RSTD
-    (rstd applied after the loop), EARLY_CONV (conv windows read before it), NO_GNORM (out_proj without its
-    norm weight's loads: what they cost; not a correct kernel), more warps, wider out_proj tiles."""
+    """The fused step's one-row projections (norm, conv / residual included) at other launches: in_proj with
+    its conv windows read before or after its loop (EARLY_CONV), at 4 and 8 warps; out_proj at other tiles
+    and warps. (Commit eadab11 also timed the rstd applied after the loop and out_proj without its norm
+    weight's loads: results/gemv_variants_fused.json; neither helped the step, both were dropped.)"""
     bf = torch.float32 if check else torch.bfloat16
     d, n_in, k_out = (64, 200, 128) if check else (2048, 8512, 4096)
     conv_dim = (n_in - k_out) // 2 if check else 4352
@@ -273,37 +274,31 @@ def run_fused(rows: list, reps: int, check: bool, dev: str) -> None:
     base_in = dict(fs._IN_TILE_ONE_ROW)
     ref_in, ref_conv = in_call(0, base_in, fresh=True)
     for warps in (4, 8):
-        for late in (False, True):
-            for early in (False, True):
-                tile = {**base_in, "num_warps": warps, "LATE_RSTD": late, "EARLY_CONV": early}
-                out, conv = in_call(0, tile, fresh=True)
-                err = max(float((out.float() - ref_in.float()).norm() / ref_in.float().norm()),
-                          float((conv.float() - ref_conv.float()).norm() / ref_conv.float().norm()))
-                t = bench(lambda i, tile=tile: in_call(i, tile), reps)
-                label = f"fused in_proj n16 k256 w{warps}" + (" late-rstd" if late else "") + (" early-conv" if early else "")
-                print(f"{label:<48} {t:6.1f} us  rel. diff {err:.1e}", flush=True)
-                rows.append({"proj": "fused_in_proj", "variant": label, "us": t, "rel_diff": err})
-                if err > 2e-2:
-                    raise SystemExit(f"{label}: differs by {err:.1e}")
+        for early in (False, True):
+            tile = {**base_in, "num_warps": warps, "EARLY_CONV": early}
+            out, conv = in_call(0, tile, fresh=True)
+            err = max(float((out.float() - ref_in.float()).norm() / ref_in.float().norm()),
+                      float((conv.float() - ref_conv.float()).norm() / ref_conv.float().norm()))
+            t = bench(lambda i, tile=tile: in_call(i, tile), reps)
+            label = f"fused in_proj n16 k256 w{warps}" + (" early-conv" if early else "") + (
+                " (committed)" if tile == base_in else "")
+            print(f"{label:<48} {t:6.1f} us  rel. diff {err:.1e}", flush=True)
+            rows.append({"proj": "fused_in_proj", "variant": label, "us": t, "rel_diff": err})
+            if err > 1e-3:  # a bf16 output rounded the other way here and there, no more
+                raise SystemExit(f"{label}: differs by {err:.1e}")
     base_out = dict(fs._OUT_TILE_ONE_ROW)
     ref_out = out_call(0, base_out)
     for bn, bk in ((4, 1024), (8, 1024), (8, 512)):
         for warps in (4, 8):
-            for late in (False, True):
-                for no_g in (False, True):
-                    if no_g and late:
-                        continue
-                    tile = {**base_out, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "LATE_RSTD": late,
-                            "NO_GNORM": no_g}
-                    out = out_call(0, tile)
-                    err = float((out - ref_out).norm() / ref_out.norm())
-                    t = bench(lambda i, tile=tile: out_call(i, tile), reps)
-                    label = f"fused out_proj n{bn} k{bk} w{warps}" + (" late-rstd" if late else "") + (
-                        " no-gnorm (timing only)" if no_g else "")
-                    print(f"{label:<48} {t:6.1f} us  rel. diff {err:.1e}", flush=True)
-                    rows.append({"proj": "fused_out_proj", "variant": label, "us": t, "rel_diff": err})
-                    if err > 2e-2 and not no_g:
-                        raise SystemExit(f"{label}: differs by {err:.1e}")
+            tile = {**base_out, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps}
+            out = out_call(0, tile)
+            err = float((out - ref_out).norm() / ref_out.norm())
+            t = bench(lambda i, tile=tile: out_call(i, tile), reps)
+            label = f"fused out_proj n{bn} k{bk} w{warps}" + (" (committed)" if tile == base_out else "")
+            print(f"{label:<48} {t:6.1f} us  rel. diff {err:.1e}", flush=True)
+            rows.append({"proj": "fused_out_proj", "variant": label, "us": t, "rel_diff": err})
+            if err > 1e-3:
+                raise SystemExit(f"{label}: differs by {err:.1e}")
 
 
 def main() -> None:

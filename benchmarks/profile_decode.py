@@ -19,18 +19,14 @@ from mmu_long_generation import build_omnimamba
 from omnimamba.ops import fused_step
 
 
-# (name, in_proj launch changes, out_proj launch changes) for the one-row step; LATE_RSTD / EARLY_CONV are the
-# fused kernels' flags (ops/fused_step.py)
+# (name, in_proj launch changes, out_proj launch changes) against the committed one-row launches
+# (ops/fused_step.py: _IN_TILE_ONE_ROW, _OUT_TILE_ONE_ROW)
 ONE_ROW_VARIANTS = [
-    ("in_proj late rstd", {"LATE_RSTD": True}, {}),
-    ("in_proj early conv", {"EARLY_CONV": True}, {}),
-    ("in_proj late rstd + early conv", {"LATE_RSTD": True, "EARLY_CONV": True}, {}),
+    ("in_proj conv windows read after its loop", {"EARLY_CONV": False}, {}),
     ("in_proj 8 warps", {"num_warps": 8}, {}),
-    ("out_proj 8 warps", {}, {"num_warps": 8}),
-    ("out_proj 8 columns 8 warps", {}, {"BLOCK_N": 8, "num_warps": 8}),
-    ("out_proj late rstd", {}, {"LATE_RSTD": True}),
-    ("in_proj late rstd + early conv, out_proj 8 warps late rstd", {"LATE_RSTD": True, "EARLY_CONV": True},
-     {"num_warps": 8, "LATE_RSTD": True}),
+    ("out_proj 4 columns, 4 warps", {}, {"BLOCK_N": 4, "num_warps": 4}),
+    ("both as before (late conv windows, out_proj 4 columns at 4 warps)", {"EARLY_CONV": False},
+     {"BLOCK_N": 4, "num_warps": 4}),
 ]
 
 

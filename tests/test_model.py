@@ -117,6 +117,20 @@ def test_text_generation_batched_equals_one_by_one_and_streams():
 
 
 @torch.no_grad()
+def test_answer_logits_keep_text_ids_and_the_end_token_and_block_every_other_special_id():
+    model = make_model().eval()
+    hidden = torch.randn(3, model.config.backbone.d_model)
+    full = model.text_logits(hidden).float()
+    logits = model.answer_logits(hidden)
+    base, end = model.config.text_base_vocab_size, model.special.end
+    assert base <= end < full.size(-1) and logits.shape == full.shape
+    assert torch.equal(logits[:, :base], full[:, :base]) and torch.equal(logits[:, end], full[:, end])
+    others = [i for i in range(base, full.size(-1)) if i != end]
+    assert others and bool(torch.isneginf(logits[:, others]).all())
+    assert torch.equal(model.answer_logits(hidden), logits)  # the cached mask gives the same again
+
+
+@torch.no_grad()
 def test_text_generation_stops_at_the_step_where_every_row_has_ended():
     model = make_model().eval()
     end = model.special.end

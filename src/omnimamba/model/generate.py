@@ -194,13 +194,21 @@ class GenerationMixin:
 
     def answer_logits(self, hidden: Tensor) -> Tensor:
         """(b, d) -> float (b, text_vocab) logits of the next answer token: text tokens and the answer's end
-        token ([EOT]; end-of-text for official conventions), no other special token."""
-        logits = self.text_logits(hidden).float().clone()
-        end = self.special.end
-        end_logit = logits[:, end].clone()
-        logits[:, self.config.text_base_vocab_size:] = float("-inf")
-        logits[:, end] = end_logit
-        return logits
+        token ([EOT]; end-of-text for official conventions), no other special token. One kernel besides the
+        head's (a decode step's worth of small launches used to follow it)."""
+        logits = self.text_logits(hidden).float()
+        return logits.masked_fill_(self._special_ids_blocked(logits), float("-inf"))
+
+    def _special_ids_blocked(self, logits: Tensor) -> Tensor:
+        """(text_vocab,) bool on logits' device: True at the special ids an answer may not take."""
+        cache = self.__dict__.setdefault("_answer_masks", {})
+        key = (logits.device, logits.size(-1), self.special.end, self.config.text_base_vocab_size)
+        if key not in cache:
+            blocked = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
+            blocked[self.config.text_base_vocab_size:] = True
+            blocked[self.special.end] = False
+            cache[key] = blocked
+        return cache[key]
 
     @staticmethod
     def _move_padding_left(mask: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
