@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from fused_step_tiles import bench  # the same timing: eight weight copies, graphed
 from omnimamba.ops import fused_step as fs
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -98,28 +99,6 @@ def gemv(kind: str, x: torch.Tensor, w: torch.Tensor, bn: int, bk: int, warps: i
         _gemv_loads[grid](x, w, out, n, k, PREFETCH=kind == "prefetch", BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
                           num_stages=stages)
     return out
-
-
-def bench(fn, reps: int) -> float:
-    """Microseconds per call of fn(i), i = 0..7, graphed (eagerly on a CPU: parity only)."""
-    for i in range(8):
-        fn(i)
-    if not torch.cuda.is_available():
-        return float("nan")
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(8):
-            fn(i)
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / (reps * 8) * 1e3
 
 
 def variants(n: int, k: int, check: bool) -> list[dict]:

@@ -4,7 +4,7 @@ on the CPU (graph replay itself is tested on the GPU, tests/test_decode_gpu.py).
 import pytest
 import torch
 
-from omnimamba.decoding import StepRunner, StepRunnerPool, graphs_enabled
+from omnimamba.decoding import PrefillGraphs, StepRunner, StepRunnerPool, graphs_enabled
 from omnimamba.mamba2 import Mamba2Cache, preset
 
 
@@ -29,6 +29,24 @@ def test_pool_keeps_the_most_recently_used_runners():
         pool.get((key,), lambda k=key: build(k))
     # 'a' was used again before 'c' arrived, so 'b' went first; 'b' had to be built again.
     assert built == ["a", "b", "c", "b"] and len(pool) == 2
+
+
+def test_prefill_graphs_run_a_first_sighting_eagerly_and_remember_the_last_lengths():
+    cache = Mamba2Cache.empty(preset("mamba2-tiny"), 1)
+    graphs = PrefillGraphs(max_size=2)
+    calls = []
+
+    def prefill(x, mask):
+        calls.append(x.size(1))
+        return x[:, -1]
+
+    for length in (3, 4, 5):
+        x = torch.full((1, length, 2), float(length))
+        assert torch.equal(graphs(prefill, cache, x, torch.ones(1, length)), x[:, -1])
+    assert calls == [3, 4, 5] and len(graphs) == 0  # each ran eagerly, none captured yet
+    assert [k[0][1] for k in graphs._graphs] == [4, 5]  # length 3, the least recently seen, was dropped
+    runner = StepRunner(lambda t: t, cache, (torch.zeros(1),), use_graph=False)
+    assert runner._prefills is None and len(runner.prefills) == 0  # made on first use only
 
 
 def test_graphs_default_off_on_cpu_and_refused_when_forced():

@@ -38,7 +38,7 @@ class StepRunner:
         self.fn = fn
         self.cache = cache
         self.advance = advance
-        self.prefills = PrefillGraphs()
+        self._prefills: PrefillGraphs | None = None
         self.in_use = False  # held by a running generation (set by its owner)
         self.graph: torch.cuda.CUDAGraph | None = None
         if not use_graph:
@@ -59,6 +59,13 @@ class StepRunner:
     def graphed(self) -> bool:
         return self.graph is not None
 
+    @property
+    def prefills(self) -> PrefillGraphs:
+        """The graphed prefills over this runner's cache (made on first use: most runners never need one)."""
+        if self._prefills is None:
+            self._prefills = PrefillGraphs()
+        return self._prefills
+
     def __call__(self, *inputs: Tensor) -> Tensor:
         if self.graph is None:
             return self.fn(*inputs)
@@ -69,14 +76,31 @@ class StepRunner:
         return self.output
 
 
+class _Recent(OrderedDict):
+    """A dict that keeps its `max_size` most recently used entries (`use` and `put` count as uses)."""
+
+    def __init__(self, max_size: int):
+        super().__init__()
+        self.max_size = max_size
+
+    def use(self, key):
+        self.move_to_end(key)
+        return self[key]
+
+    def put(self, key, value) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.max_size:
+            self.popitem(last=False)
+
+
 class PrefillGraphs:
     """Graphed prefills over one step runner's cache, by prompt length: a length's first prefill runs eagerly
     (a capture costs about three prefills, and most lengths may never recur), its second and later ones are
     replayed from a graph captured then. The `max_size` most recently used lengths are kept."""
 
     def __init__(self, max_size: int = 4):
-        self.max_size = max_size
-        self._graphs: OrderedDict[tuple, StepRunner | None] = OrderedDict()
+        self._graphs: _Recent = _Recent(max_size)  # key -> its graph, or None when seen once
 
     def __call__(self, prefill: Callable[[Tensor, Tensor], Tensor], cache: Mamba2Cache, x: Tensor,
                  mask: Tensor, tag: tuple = ()) -> Tensor:
@@ -85,24 +109,17 @@ class PrefillGraphs:
         static buffer: clone it before the next replay."""
         key = (tuple(x.shape), x.dtype, tuple(mask.shape), mask.dtype, *tag)
         if key not in self._graphs:  # first sighting: eagerly, and remember the length
-            self._remember(key, None)
+            self._graphs.put(key, None)
             return prefill(x, mask)
-        graph = self._graphs[key]
-        self._graphs.move_to_end(key)
+        graph = self._graphs.use(key)
         if graph is None:
             def fresh_prefill(x, mask):  # each warm-up and the capture start from a fresh cache
                 cache.seqlen_offset = 0
                 return prefill(x, mask)
 
             graph = StepRunner(fresh_prefill, cache, (x, mask), True, advance=x.size(1))
-            self._remember(key, graph)
+            self._graphs.put(key, graph)
         return graph(x, mask)
-
-    def _remember(self, key: tuple, graph: StepRunner | None) -> None:
-        self._graphs[key] = graph
-        self._graphs.move_to_end(key)
-        while len(self._graphs) > self.max_size:
-            self._graphs.popitem(last=False)
 
     def __len__(self) -> int:
         return sum(g is not None for g in self._graphs.values())
@@ -114,17 +131,17 @@ class StepRunnerPool:
     Each runner owns a cache, so the pool bounds the memory it holds."""
 
     def __init__(self, max_size: int = 8):
-        self.max_size = max_size
-        self._runners: OrderedDict[tuple, StepRunner] = OrderedDict()
+        self._runners: _Recent = _Recent(max_size)
+
+    @property
+    def max_size(self) -> int:
+        return self._runners.max_size
 
     def get(self, key: tuple, build: Callable[[], StepRunner]) -> StepRunner:
         if key in self._runners:
-            self._runners.move_to_end(key)
-            return self._runners[key]
+            return self._runners.use(key)
         runner = build()
-        self._runners[key] = runner
-        while len(self._runners) > self.max_size:
-            self._runners.popitem(last=False)
+        self._runners.put(key, runner)
         return runner
 
     def clear(self) -> None:
