@@ -110,6 +110,23 @@ def test_backend_seam():
         load_backend("nope")
 
 
+def test_the_gpu_backend_hands_cpu_tensors_to_the_reference_kernels():
+    """'auto' picks the GPU backend by the machine: a model kept on the CPU of a GPU machine (the backbone
+    demo) must still run, on the reference kernels, with their results; no GPU package is touched."""
+    from omnimamba.mamba2 import Mamba2LM, preset
+
+    torch.manual_seed(0)
+    config = preset("mamba2-tiny", vocab_size=32, pad_vocab_size_multiple=1)
+    fast, slow = Mamba2LM(config, backend="fla"), Mamba2LM(config, backend="reference")
+    slow.load_state_dict(fast.state_dict())
+    ids = torch.randint(0, 32, (2, 9))
+    torch.testing.assert_close(fast(ids), slow(ids), rtol=0, atol=0)
+    caches = [m.allocate_cache(2) for m in (fast, slow)]
+    for m, cache in zip((fast, slow), caches):
+        m(ids[:, :8], cache=cache)
+    torch.testing.assert_close(fast.step(ids[:, 8], caches[0]), slow.step(ids[:, 8], caches[1]), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dt_limit", [(0.0, float("inf")), (0.01, 0.05)])
 def test_ssd_decode_from_raw_parameters_matches_the_chunked_scan(dt_limit):
     """The decode step takes dt before softplus and A_log: T of its steps equal one chunked scan run on

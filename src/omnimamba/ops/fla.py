@@ -23,6 +23,19 @@ from .fla_pins import pin as _pin_configs
 from .reference import ssd_step  # noqa: F401
 
 
+def _cuda_or_reference(kernel):
+    """This backend's `kernel` where its first argument is on a GPU, else the reference's of the same name:
+    'auto' picks this backend by the machine, so a model kept on the CPU of a machine with a GPU (the backbone
+    demo, a CPU evaluation) would otherwise hand CPU tensors to Triton."""
+    fallback = getattr(reference, kernel.__name__)
+
+    @functools.wraps(kernel)
+    def dispatch(first: Tensor, *args, **kwargs):
+        return (kernel if first.is_cuda else fallback)(first, *args, **kwargs)
+
+    return dispatch
+
+
 # Decode steps may run each block as ops/fused_step.py's fused kernels (Mamba2Backbone.step checks this flag).
 FUSED_DECODE = True
 
@@ -114,6 +127,7 @@ def _gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state0: Tensor | None, veri
     return y, final[..., :n]
 
 
+@_cuda_or_reference
 def ssd_chunked(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None = None,
     initial_state: Tensor | None = None,
@@ -147,6 +161,7 @@ def ssd_chunked(
     return y.to(x.dtype), final.float()
 
 
+@_cuda_or_reference
 def causal_conv(x: Tensor, weight: Tensor, bias: Tensor | None, initial_state: Tensor | None = None
                 ) -> tuple[Tensor, Tensor]:
     """Same contract as `reference.causal_conv`: x (b, l, c), weight (c, k), state (b, c, k)."""
@@ -160,6 +175,7 @@ def causal_conv(x: Tensor, weight: Tensor, bias: Tensor | None, initial_state: T
     return y, final
 
 
+@_cuda_or_reference
 def conv_step(state: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """Same contract as `reference.conv_step`: shifts `state` (b, c, k) in place, x (b, c) -> (b, c)."""
     _pin_configs()
@@ -170,6 +186,7 @@ def conv_step(state: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> 
     return y.to(x.dtype)
 
 
+@_cuda_or_reference
 def ssd_decode(
     state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
     dt_bias: Tensor | None = None, dt_limit: tuple[float, float] = (0.0, math.inf),
@@ -180,6 +197,7 @@ def ssd_decode(
     return fused(state, x, dt, A_log, B, C, D=D, dt_bias=dt_bias, dt_limit=dt_limit)
 
 
+@_cuda_or_reference
 def add_rmsnorm(
     x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, residual_in_fp32: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -192,6 +210,7 @@ def add_rmsnorm(
     return normed.to(weight.dtype), residual
 
 
+@_cuda_or_reference
 def gated_rmsnorm(x: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int) -> Tensor:
     """Same contract as `reference.gated_rmsnorm` (norm after the SiLU gate, per group): fla's Triton kernel."""
     from fla.modules.norm.layernorm_gated import rmsnorm_fn
