@@ -105,7 +105,6 @@ def main() -> None:
             model._runners.clear()
             runner = model._step_runner("text", b, torch.device("cuda"), True)
             rows.append({"batch": b, "step": f"text, fused, LoRA merged, {name}", "ms": replay_ms(runner, (tokens, tokens))})
-            print(f"batch {b} {rows[-1]['step']}, graphed: {rows[-1]['ms']:.3f} ms", flush=True)
             for k, v in saved.items():
                 setattr(fused_step, k, v)
             model._runners.clear()
