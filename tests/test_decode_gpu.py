@@ -221,21 +221,55 @@ def test_a_recurring_prefill_replays_from_a_graph_and_changes_nothing():
 @torch.no_grad()
 def test_graphed_text_generation_stops_where_every_row_has_ended():
     model = model_on("fla", torch.bfloat16)
-    answer_logits, end, calls = model.answer_logits, model.special.end, []
+    answer_logits, end = model.answer_logits, model.special.end
+    calls = torch.zeros((), dtype=torch.long, device="cuda")  # a tensor: the head replays inside the graph
 
-    def ending(hidden):  # row 0 ends at step 3, row 1 at step 6
+    def ending(hidden):  # row 0 ends at the 4th token, row 1 at the 7th
         logits = answer_logits(hidden)
-        for row, at in ((0, 3), (1, 6)):
-            if len(calls) >= at:
-                logits[row, end] = 1e4
-        calls.append(1)
+        calls.add_(1)
+        for row, at in ((0, 4), (1, 7)):
+            logits[row, end] = torch.where(calls >= at, 1e4, logits[row, end])
         return logits
 
     model.answer_logits = ending
     pixels, prompt = mmu_inputs(2)
-    tokens = model.generate_text(pixels.bfloat16(), prompt, max_new_tokens=20)
-    assert tokens.shape == (2, 7) and len(calls) == 7
+    first = model.generate_text(pixels.bfloat16(), prompt, max_new_tokens=20)  # captures (its count is off)
+    calls.zero_()
+    tokens = model.generate_text(pixels.bfloat16(), prompt, max_new_tokens=20)  # replays the same loop
+    (runner,) = model._runners._runners.values()
+    assert len(runner._loops) == 1
+    assert tokens.shape == (2, 7) and first.shape[1] <= 7
+    assert int(calls) == 8  # the 7 tokens and the one step queued before the host saw that both had ended
     assert (tokens[0, 3:] == end).all() and tokens[1, 6] == end and (tokens[1, :6] != end).all()
+
+
+@torch.no_grad()
+def test_graphed_sampling_draws_what_eager_sampling_draws_seed_by_seed():
+    """Head, guidance and sampling replay inside the loop's graph, drawing from a generator registered with
+    it: the same tokens as eager sampling with the same seed, for each of several seeds in turn."""
+    model = model_on("fla", torch.bfloat16)
+    pixels, prompt = mmu_inputs(3)
+    pixels = pixels.bfloat16()
+    text = dict(max_new_tokens=24, temperature=1.0, top_k=8, stop_at_eot=False)
+    for seed in (0, 1, 0):
+        eager = model.generate_text(pixels, prompt, seed=seed, use_cuda_graph=False, **text)
+        graphed = model.generate_text(pixels, prompt, seed=seed, use_cuda_graph=True, **text)
+        assert torch.equal(eager, graphed), seed
+    assert not torch.equal(model.generate_text(pixels, prompt, seed=1, **text),
+                           model.generate_text(pixels, prompt, seed=2, **text))
+
+    prefixes = [t2i_prefix(TOK, c, model.config.max_caption_tokens) for c in ("a red circle", "two squares")]
+    ids, mask = pad_left([p for p, _ in prefixes], TOK.special.eot)
+    cap, _ = pad_left([m for _, m in prefixes], False)
+    args = (ids.cuda(), mask.cuda(), cap.bool().cuda())
+    for scale, top_k, top_p in ((3.0, 20, 0.9), (1.0, 0, 1.0)):  # guided, and unguided (b rows)
+        for seed in (3, 4):
+            sampling = dict(guidance_scale=scale, temperature=1.0, top_k=top_k, top_p=top_p, seed=seed)
+            eager = model.generate_image_codes(*args, use_cuda_graph=False, **sampling)
+            graphed = model.generate_image_codes(*args, use_cuda_graph=True, **sampling)
+            assert torch.equal(eager, graphed), (scale, seed)
+    unseeded = model.generate_image_codes(*args, guidance_scale=3.0, temperature=1.0)  # the global RNG
+    assert unseeded.shape == (2, model.config.image_tokens)
 
 
 def test_a_gpu_decodes_with_a_bf16_state_by_default():

@@ -67,27 +67,28 @@ class DoneFlag:
     copy to pinned host memory behind the work that computes it; `read()` waits for that copy alone, so the
     next step, launched between the two, is already queued and the GPU never idles while the host decides.
     (bool() on a CUDA tensor would wait for every launched kernel, the next step's included.) On a CPU both
-    are plain reads."""
+    are plain reads, taken at `post`. `deferred`: whether the flag is worth reading only after queueing the
+    next step (on CUDA; on a CPU the next step would run first)."""
 
     def __init__(self, device: torch.device):
-        self._cuda = torch.device(device).type == "cuda"
+        self._cuda = self.deferred = torch.device(device).type == "cuda"
         if self._cuda:
             self._host = torch.zeros((), dtype=torch.bool, pin_memory=True)
             self._copied = torch.cuda.Event()
-        self._flag: Tensor | None = None
+        self._flag = False
 
     def post(self, flag: Tensor) -> None:
         if self._cuda:
             self._host.copy_(flag, non_blocking=True)
             self._copied.record()
         else:
-            self._flag = flag
+            self._flag = bool(flag)  # now: the buffer it reads may change before read()
 
     def read(self) -> bool:
         if self._cuda:
             self._copied.synchronize()
             return bool(self._host)
-        return bool(self._flag)
+        return self._flag
 
 
 @torch.no_grad()
