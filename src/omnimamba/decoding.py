@@ -6,10 +6,7 @@ weights and the `Mamba2Cache`); launching them one by one from Python costs more
 static buffers, the cache is updated in place, and the output lands in a static buffer that the next replay
 overwrites (read it, or clone it, before the next step). A prefill (a whole prompt into the cache) is a fixed
 sequence of kernels too, for a given batch and length: `PrefillGraphs` graphs those that recur over a step
-runner's cache, since launching a short prompt's prefill eagerly takes longer than running it. A generation's
-whole per-token work (step, output head, guidance, sampling, end-of-answer bookkeeping) is one `TokenLoop`, a
-graph that feeds itself: the head and sampling launched eagerly after each graphed step were a dozen small
-kernels per token, whose launches the GPU waited on.
+runner's cache, since launching a short prompt's prefill eagerly takes longer than running it.
 
 Off CUDA, or with `use_graph=False`, the runner calls the step eagerly; both give the same numbers.
 """
@@ -42,7 +39,6 @@ class StepRunner:
         self.cache = cache
         self.advance = advance
         self._prefills: PrefillGraphs | None = None
-        self._loops: _Recent | None = None
         self.in_use = False  # held by a running generation (set by its owner)
         self.graph: torch.cuda.CUDAGraph | None = None
         if not use_graph:
@@ -70,19 +66,6 @@ class StepRunner:
             self._prefills = PrefillGraphs()
         return self._prefills
 
-    def loop(self, key: tuple, build: Callable[[], "TokenLoop"]) -> TokenLoop:
-        """This runner's token loop for `key` (what the loop's picking depends on): built by `build` on first
-        use and kept (the four most recently used) when the runner is graphed; built afresh when not."""
-        if self.graph is None:
-            return build()
-        if self._loops is None:
-            self._loops = _Recent(4)
-        if key in self._loops:
-            return self._loops.use(key)
-        loop = build()
-        self._loops.put(key, loop)
-        return loop
-
     def __call__(self, *inputs: Tensor) -> Tensor:
         if self.graph is None:
             return self.fn(*inputs)
@@ -91,68 +74,6 @@ class StepRunner:
         self.graph.replay()
         self.cache.seqlen_offset += self.advance  # the step's Python-side bookkeeping does not replay
         return self.output
-
-
-class TokenLoop:
-    """The decode loop of one generation: each call runs `step(feed, positions) -> hidden` over `cache`, then
-    `pick(hidden) -> (tokens, next feed)`, stores the feed and advances the positions by one, so the next call
-    continues from its own output. Graphed (`use_graph`), a call is one replay: step, head, guidance and
-    sampling together. `generator` (None: the global RNG) is what `pick` samples with; the graph keeps drawing
-    from it, so a graphed loop draws what the eager one draws. `buffers`: tensors `pick` keeps across calls
-    (an answer's finished rows), zeroed by `start`.
-
-    Capturing runs the loop a few times, which scribbles on the cache, the generator and the buffers: the
-    loop resets the cache after capture, and `start` re-seeds and zeroes the rest; fill the cache after
-    building the loop, then call `start`.
-    """
-
-    def __init__(self, step: Callable[[Tensor, Tensor], Tensor], pick: Callable[[Tensor], tuple[Tensor, Tensor]],
-                 cache: Mamba2Cache, feed: Tensor, positions: Tensor, use_graph: bool,
-                 generator: torch.Generator | None = None, buffers: tuple[Tensor, ...] = (), warmup: int = 2):
-        self.step, self.pick, self.cache = step, pick, cache
-        self.feed, self.positions = feed.clone(), positions.clone()
-        self.generator, self.buffers = generator, buffers
-        self.graph: torch.cuda.CUDAGraph | None = None
-        if not use_graph:
-            return
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                self._body()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        if generator is not None:  # the default generator registers itself; another must be named
-            self.graph.register_generator_state(generator)
-        with torch.cuda.graph(self.graph):
-            self.output = self._body()
-        cache.reset()
-
-    def _body(self) -> Tensor:
-        tokens, feed = self.pick(self.step(self.feed, self.positions))
-        self.feed.copy_(feed)
-        self.positions.add_(1)
-        return tokens
-
-    def start(self, hidden: Tensor, positions: Tensor, seed: int | None = None) -> Tensor:
-        """The first tokens, picked (eagerly) from the prefill's last hidden states; the loop then continues
-        from them at `positions`. `seed` re-seeds the loop's generator."""
-        for buffer in self.buffers:
-            buffer.zero_()
-        if seed is not None and self.generator is not None:
-            self.generator.manual_seed(seed)
-        tokens, feed = self.pick(hidden)
-        self.feed.copy_(feed)
-        self.positions.copy_(positions)
-        return tokens
-
-    def __call__(self) -> Tensor:
-        """The next tokens (a fresh tensor)."""
-        if self.graph is None:
-            return self._body()
-        self.graph.replay()
-        self.cache.seqlen_offset += 1  # the step's Python-side bookkeeping does not replay
-        return self.output.clone()
 
 
 class _Recent(OrderedDict):

@@ -67,28 +67,27 @@ class DoneFlag:
     copy to pinned host memory behind the work that computes it; `read()` waits for that copy alone, so the
     next step, launched between the two, is already queued and the GPU never idles while the host decides.
     (bool() on a CUDA tensor would wait for every launched kernel, the next step's included.) On a CPU both
-    are plain reads, taken at `post`. `deferred`: whether the flag is worth reading only after queueing the
-    next step (on CUDA; on a CPU the next step would run first)."""
+    are plain reads."""
 
     def __init__(self, device: torch.device):
-        self._cuda = self.deferred = torch.device(device).type == "cuda"
+        self._cuda = torch.device(device).type == "cuda"
         if self._cuda:
             self._host = torch.zeros((), dtype=torch.bool, pin_memory=True)
             self._copied = torch.cuda.Event()
-        self._flag = False
+        self._flag: Tensor | None = None
 
     def post(self, flag: Tensor) -> None:
         if self._cuda:
             self._host.copy_(flag, non_blocking=True)
             self._copied.record()
         else:
-            self._flag = bool(flag)  # now: the buffer it reads may change before read()
+            self._flag = flag
 
     def read(self) -> bool:
         if self._cuda:
             self._copied.synchronize()
             return bool(self._host)
-        return self._flag
+        return bool(self._flag)
 
 
 @torch.no_grad()

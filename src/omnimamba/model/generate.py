@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from ..decoding import StepRunner, TokenLoop, graphs_enabled
+from ..decoding import StepRunner, graphs_enabled
 from ..errors import UserError
 from ..generation import DoneFlag, check_sampling_args, make_generator, sample_next_token
 from ..lora import TaskLoRALinear
@@ -160,44 +160,23 @@ class GenerationMixin:
         self.check_mmu_length(int(next_position.max()) + max_new_tokens - 1)  # fail before decoding, not midway
         device = x.device
         with self._decoder("text", b, device, use_cuda_graph) as runner:
-            loop = runner.loop(("text", temperature, top_k, top_p, stop_at_eot, seed is None),
-                               lambda: self._text_loop(runner, temperature, top_k, top_p, stop_at_eot, seed))
-            # the prefill's last hidden states are a view of its whole output: picked from, not kept
-            token = loop.start(self._prefill_runner(runner, x, mask, self._route("mmu")), next_position, seed)
+            hidden = self._prefill_runner(runner, x, mask, self._route("mmu")).clone()
             del x, mask  # nothing as long as the prompt outlives the prefill: decoding memory stays constant
+            generator = make_generator(seed, device)
+            finished = torch.zeros(b, dtype=torch.bool, device=device)
             done = DoneFlag(device)
+            end = self.special.end
             for i in range(max_new_tokens):
+                token = sample_next_token(self.answer_logits(hidden), temperature, top_k, top_p, generator)
                 if stop_at_eot:
-                    done.post(loop.buffers[1])
+                    token = token.masked_fill(finished, end)
+                    finished |= token == end
+                    done.post(finished.all())
                 yield token
-                if i == max_new_tokens - 1 or (stop_at_eot and not done.deferred and done.read()):
+                if i < max_new_tokens - 1:  # queued before the host learns whether it is needed (DoneFlag)
+                    hidden = runner(token, next_position + i)
+                if stop_at_eot and done.read():
                     return
-                token = loop()  # on a GPU, queued before the host learns whether it is needed (DoneFlag)
-                if stop_at_eot and done.deferred and done.read():
-                    return
-
-    def _text_loop(self, runner: StepRunner, temperature: float, top_k: int, top_p: float, stop_at_eot: bool,
-                   seed: int | None) -> TokenLoop:
-        """An answer's decode loop over `runner`: the step, the text head and sampling, and (stop_at_eot)
-        each row padded with the end token once it has emitted it; buffers: (finished rows, all finished)."""
-        b = runner.cache.batch_size
-        device = runner.cache.conv.device
-        generator = make_generator(0 if seed is not None else None, device)
-        finished = torch.zeros(b, dtype=torch.bool, device=device)
-        all_finished = torch.zeros((), dtype=torch.bool, device=device)
-        end = self.special.end
-
-        def pick(hidden):
-            token = sample_next_token(self.answer_logits(hidden), temperature, top_k, top_p, generator)
-            if stop_at_eot:
-                token = token.masked_fill(finished, end)
-                finished.logical_or_(token == end)
-                all_finished.copy_(finished.all())
-            return token, token
-
-        zeros = torch.zeros(b, dtype=torch.long, device=device)
-        return TokenLoop(runner.fn, pick, runner.cache, zeros, zeros, runner.graphed, generator,
-                         (finished, all_finished))
 
     def mmu_prefill_inputs(self, pixel_values: Tensor, prompt_ids: Tensor, prompt_mask: Tensor | None = None
                            ) -> tuple[Tensor, Tensor, Tensor]:
@@ -284,33 +263,22 @@ class GenerationMixin:
         self._t2i_positions(prefix_mask, N - 1, 1)  # checks, once, that the last position exists
         start = torch.full((prefix_ids.size(0),), self.t2i_image_start, device=prefix_ids.device)
         with self._decoder("image", prefix_ids.size(0), prefix_ids.device, use_cuda_graph) as runner:
-            key = ("image", guidance_scale, temperature, top_k, top_p, seed is None)
-            loop = runner.loop(key, lambda: self._image_loop(runner, b, guidance_scale, temperature, top_k, top_p,
-                                                             seed))
             x = self.t2i_prefix_embeddings(prefix_ids, prefix_mask, caption_mask, drop)
-            hidden = self._prefill_runner(runner, x, prefix_mask, self._route("t2i"))
+            hidden = self._prefill_runner(runner, x, prefix_mask, self._route("t2i")).clone()
             del x
+            generator = make_generator(seed, prefix_ids.device)
+            codes = []
             steps = range(N) if progress is None else progress(range(N))
-            codes = [loop() if i else loop.start(hidden, start, seed) for i in steps]
+            for i in steps:
+                logits = self.image_logits(hidden).float()
+                if cfg:
+                    logits = cfg_logits(logits[:b], logits[b:], guidance_scale)
+                token = sample_next_token(logits, temperature, top_k, top_p, generator)
+                codes.append(token)
+                if i == N - 1:
+                    break
+                hidden = runner(torch.cat([token, token]) if cfg else token, start + i)
         return torch.stack(codes, 1)
-
-    def _image_loop(self, runner: StepRunner, b: int, guidance_scale: float, temperature: float, top_k: int,
-                    top_p: float, seed: int | None) -> TokenLoop:
-        """T2I's decode loop over `runner` for b images: the step, the image head, guidance (the runner's
-        rows are then b conditional + b unconditional, each code fed to both) and sampling."""
-        cfg = guidance_scale != 1.0
-        device = runner.cache.conv.device
-        generator = make_generator(0 if seed is not None else None, device)
-
-        def pick(hidden):
-            logits = self.image_logits(hidden).float()
-            if cfg:
-                logits = cfg_logits(logits[:b], logits[b:], guidance_scale)
-            token = sample_next_token(logits, temperature, top_k, top_p, generator)
-            return token, torch.cat([token, token]) if cfg else token
-
-        zeros = torch.zeros(runner.cache.batch_size, dtype=torch.long, device=device)
-        return TokenLoop(runner.fn, pick, runner.cache, zeros, zeros, runner.graphed, generator)
 
 
 def cfg_logits(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
