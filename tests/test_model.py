@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from omnimamba.errors import UserError
+from omnimamba.generation import epsilon_floor
 from omnimamba.lora import TaskLoRALinear
 from omnimamba.mamba2 import Mamba2LM
 from omnimamba.model import OmniMamba, cfg_logits, preset
@@ -242,6 +243,39 @@ def test_guided_decoding_equals_guidance_over_the_training_forward():
         cond, _ = model.forward_t2i(forced, drop=torch.zeros(2, dtype=torch.bool))
         uncond, _ = model.forward_t2i(forced, drop=torch.ones(2, dtype=torch.bool))
     assert torch.equal(cfg_logits(cond, uncond, 3.0).argmax(-1), codes)
+
+
+def test_epsilon_floor_drops_what_the_reference_finds_unlikely_and_keeps_its_best():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [5.0, 0.0, 0.0, 0.0]])
+    reference = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    probs = torch.softmax(reference, -1)  # row 0: 0.644 0.237 0.087 0.032; row 1: uniform 0.25
+    out = epsilon_floor(logits, reference, 0.05)
+    assert torch.equal(torch.isinf(out), probs < 0.05) and torch.equal(out[~torch.isinf(out)],
+                                                                       logits[probs >= 0.05])
+    out = epsilon_floor(logits, reference, 0.9)  # above every probability: each row's most likely stays
+    assert torch.equal(torch.isfinite(out), torch.tensor([[True, False, False, False], [True] * 4]))
+
+
+def test_guided_sampling_with_a_floor_draws_only_what_the_conditional_model_allows():
+    # Teacher-forced conditional logits of the sampled codes: every code drawn with epsilon has conditional
+    # probability >= epsilon (guidance never lifts the conditional model's tail); without it some do not.
+    model = make_model().eval()
+    with torch.no_grad():
+        model.caption_embed.null_caption.normal_()
+    tb = t2i_batch()
+    eps = 1.0 / model.config.vq.codebook_size  # about half of the codes lie below it at each position
+    below = {}
+    for epsilon in (eps, 0.0):
+        codes = model.generate_image_codes(tb.prefix_ids, tb.prefix_mask, tb.caption_mask, guidance_scale=3.0,
+                                           temperature=1.0, seed=0, epsilon=epsilon)
+        with torch.no_grad():
+            cond, _ = model.forward_t2i(T2IBatch(tb.prefix_ids, tb.prefix_mask, tb.caption_mask, codes),
+                                        drop=torch.zeros(2, dtype=torch.bool))
+        p = torch.softmax(cond.float(), -1).gather(-1, codes[..., None])[..., 0]
+        below[epsilon] = int((p < eps * (1 - 1e-4)).sum())
+    assert below[eps] == 0 and below[0.0] > 10
+    with pytest.raises(UserError, match="epsilon must be in"):
+        model.generate_image_codes(tb.prefix_ids, tb.prefix_mask, tb.caption_mask, epsilon=1.0)
 
 
 def test_the_null_caption_gets_a_gradient_in_training_even_when_nothing_is_dropped():

@@ -19,7 +19,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = final_report(model, model.tokenizer, world, out, n_images=args.n_images, n_prompts=args.n_prompts,
-                          guidance=args.guidance, top_k=args.top_k, temperature=args.temperature)
+                          guidance=args.guidance, top_k=args.top_k, temperature=args.temperature,
+                          epsilon=args.epsilon)
     write_report(report, out / "results.json")
     print(f"wrote {out / 'results.json'} and {out / 'quickstart.png'}")
     return 0

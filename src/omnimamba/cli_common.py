@@ -35,6 +35,13 @@ def probability(text: str) -> float:
     return value
 
 
+def unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def load_model(args: argparse.Namespace, need_tokenizer: bool = False):
     import torch
 
@@ -61,9 +68,18 @@ def shapes_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=non_negative_int, default=20, help="image-code top-k, 0 = all (default: 20)")
     p.add_argument("--temperature", type=non_negative_float, default=1.0,
                    help="image-code sampling temperature (default: 1.0)")
+    epsilon_arg(p)
     p.add_argument("--seed", type=int, default=0, help="Shapes world seed (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--out", default="runs/evaluation", help="output directory (default: runs/evaluation)")
+
+
+def epsilon_arg(p: argparse.ArgumentParser, *names: str, many: bool = False) -> None:
+    p.add_argument(*(names or ("--epsilon",)), type=unit_interval, nargs="+" if many else None,
+                   default=[0.0] if many else 0.0,
+                   help="never sample an image code whose conditional probability is below this, in [0, 1) "
+                        f"(epsilon sampling; with guidance, taken before the mix){'; several to sweep' if many else ''}"
+                        " (default: 0, no floor)")
 
 
 def sampling_args(p: argparse.ArgumentParser, temperature: float | None) -> None:

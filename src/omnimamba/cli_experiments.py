@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_common import load_model, non_negative_float, positive_int, sampling_args
+from .cli_common import epsilon_arg, load_model, non_negative_float, positive_int, sampling_args
 from .errors import UserError
 
 
@@ -26,14 +26,23 @@ def cmd_guidance(args: argparse.Namespace) -> int:
 
     model = load_model(args)
     world = ShapesWorld(ShapesConfig(image_size=model.config.understanding.image_size), seed=args.world_seed)
-    print(f"{args.split} split, {args.n_prompts} prompts, temperature {args.temperature:g}, top-k {args.top_k}")
-    result = guidance_sweep(model, model.tokenizer, world, args.split, args.n_prompts, tuple(args.scales),
-                            tuple(range(args.seed, args.seed + args.seeds)), args.temperature, args.top_k)
+    by_epsilon = {}
+    for epsilon in args.epsilons:
+        print(f"{args.split} split, {args.n_prompts} prompts, temperature {args.temperature:g}, top-k {args.top_k}, "
+              f"epsilon {epsilon:g}")
+        by_epsilon[str(epsilon)] = guidance_sweep(model, model.tokenizer, world, args.split, args.n_prompts,
+                                                  tuple(args.scales), tuple(range(args.seed, args.seed + args.seeds)),
+                                                  args.temperature, args.top_k, epsilon=epsilon)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"split": args.split, "n_prompts": args.n_prompts,
-                                              "temperature": args.temperature, "top_k": args.top_k,
-                                              "scales": result}, indent=1))
+        table = {"split": args.split, "n_prompts": args.n_prompts, "temperature": args.temperature,
+                 "top_k": args.top_k}
+        if len(by_epsilon) == 1:  # the one-setting layout: {"epsilon": e, "scales": {scale: row}}
+            ((epsilon, result),) = by_epsilon.items()
+            table.update(epsilon=float(epsilon), scales=result)
+        else:
+            table["by_epsilon"] = by_epsilon
+        Path(args.out).write_text(json.dumps(table, indent=1))
         print(f"wrote {args.out}")
     return 0
 
@@ -90,6 +99,7 @@ def add_parser(sub) -> None:
     p.add_argument("--world-seed", type=int, default=0, help="Shapes world seed (default: 0)")
     p.add_argument("--out", help="also write the table as JSON here")
     sampling_args(p, temperature=1.0)
+    epsilon_arg(p, "--epsilons", many=True)
     p.set_defaults(func=cmd_guidance)
 
     p = sub.add_parser("plot", help="training curves of a run (losses per task, validation scores) as a PNG")

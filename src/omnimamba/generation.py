@@ -34,6 +34,21 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
+def epsilon_floor(logits: Tensor, reference: Tensor, epsilon: float) -> Tensor:
+    """epsilon-sampling's truncation (Hewitt et al., 2022): logits (b, V) set to -inf wherever the probability
+    under `reference` (b, V) logits is below epsilon; each row's most likely token under `reference` stays.
+    With guidance the reference is the conditional model: guidance then reorders only what the caption's model
+    finds plausible, instead of lifting its tail (uncond + s * (cond - uncond) grows wherever the unconditional
+    model is even less likely than the conditional one, however unlikely both are)."""
+    probs = torch.softmax(reference.float(), dim=-1)
+    return logits.masked_fill(probs < torch.clamp(probs.amax(-1, keepdim=True), max=epsilon), float("-inf"))
+
+
+def check_epsilon(epsilon: float) -> None:
+    if not 0 <= epsilon < 1:
+        raise UserError(f"epsilon must be in [0, 1) (0 means no floor), got {epsilon}")
+
+
 def sample_next_token(
     logits: Tensor,
     temperature: float = 1.0,

@@ -119,7 +119,7 @@ def null_prefix(model, tokenizer) -> tuple[Tensor, Tensor, Tensor] | None:
 
 def generate_images(model, tokenizer, prompts, guidance_scale: float | None = None, temperature: float | None = None,
                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                    batch_size: int = 16, progress: bool = False) -> list:
+                    batch_size: int = 16, progress: bool = False, epsilon: float | None = None) -> list:
     """Images (PIL) for `prompts` (a string or a list). guidance_scale 1 turns classifier-free guidance off.
     Sampling settings left None take the model's defaults (`config.image_sampling`)."""
     from PIL import Image
@@ -129,8 +129,9 @@ def generate_images(model, tokenizer, prompts, guidance_scale: float | None = No
         prompts = [prompts]
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
-    given = {"guidance_scale": guidance_scale, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-    sampling = {k: v if given[k] is None else given[k] for k, v in model.config.image_sampling.items()}
+    given = {"guidance_scale": guidance_scale, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+             "epsilon": epsilon}
+    sampling = {k: v if given.get(k) is None else given[k] for k, v in model.config.image_sampling.items()}
     device = _model_device(model)
     prefixes = [t2i_prefix(tokenizer, p, model.config.max_caption_tokens) for p in prompts]
     null = null_prefix(model, tokenizer)

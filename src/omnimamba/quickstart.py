@@ -34,7 +34,8 @@ QUICKSTART = {
 
 
 def final_report(model, tokenizer, world, out: Path, n_images: int = 100, n_prompts: int = 48,
-                 guidance: float = 3.0, top_k: int = 20, temperature: float = 1.0, log=print) -> dict:
+                 guidance: float = 3.0, top_k: int = 20, temperature: float = 1.0, log=print,
+                 epsilon: float = 0.0) -> dict:
     """Scores on the test and held-out splits (T2I with and without guidance), the baselines, the VQ
     round trip's scorer rate, and a picture."""
     from .evaluation.shapes_eval import (caption_information, evaluate_mmu, evaluate_t2i, save_evaluation_picture,
@@ -56,9 +57,9 @@ def final_report(model, tokenizer, world, out: Path, n_images: int = 100, n_prom
     for split in ("test", "heldout"):
         mmu, answered = evaluate_mmu(model, tokenizer, world, split, n_images)
         t2i_cfg, generated = evaluate_t2i(model, tokenizer, world, split, n_prompts, guidance_scale=guidance,
-                                          temperature=temperature, top_k=top_k)
+                                          temperature=temperature, top_k=top_k, epsilon=epsilon)
         t2i_plain, _ = evaluate_t2i(model, tokenizer, world, split, n_prompts, guidance_scale=1.0,
-                                    temperature=temperature, top_k=top_k)
+                                    temperature=temperature, top_k=top_k, epsilon=epsilon)
         report[split] = {"mmu": mmu, "t2i_guided": t2i_cfg, "t2i_unguided": t2i_plain}
         log(f"\n{split} split: MMU accuracy {mmu['accuracy']['overall']:.1%} "
             f"({', '.join(f'{k} {v:.0%}' for k, v in mmu['accuracy'].items() if k != 'overall')})")
@@ -88,7 +89,7 @@ def run_quickstart(out: str | None = None, overrides: list[str] = (), log=print,
     out_dir = Path(config.run.out)
     report = final_report(trainer.model, trainer.tokenizer, shapes_world(config), out_dir,
                           guidance=config.run.eval_guidance, top_k=config.run.eval_top_k,
-                          temperature=config.run.eval_temperature, log=log)
+                          temperature=config.run.eval_temperature, log=log, epsilon=config.run.eval_epsilon)
     report["train_seconds"] = train_s
     report["total_seconds"] = time.perf_counter() - start
     report["device"] = str(trainer.device)

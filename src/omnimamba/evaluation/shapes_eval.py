@@ -48,10 +48,11 @@ def tokenizer_round_trip(vq, world, split: str = "test", n_prompts: int = 48) ->
 
 @torch.no_grad()
 def evaluate_t2i(model, tokenizer, world, split: str = "val", n_prompts: int = 24, guidance_scale: float = 3.0,
-                 temperature: float = 1.0, top_k: int = 0, seed: int = 0, batch_size: int = 32) -> tuple[dict, list]:
+                 temperature: float = 1.0, top_k: int = 0, seed: int = 0, batch_size: int = 32,
+                 epsilon: float = 0.0) -> tuple[dict, list]:
     prompts = [p for p, _ in t2i_eval_set(world, split, n_prompts)]
     images = generate_images(model, tokenizer, prompts, guidance_scale=guidance_scale, temperature=temperature,
-                             top_k=top_k, seed=seed, batch_size=batch_size)
+                             top_k=top_k, seed=seed, batch_size=batch_size, epsilon=epsilon)
     arrays = [np.asarray(im) for im in images]
     return score_t2i(arrays, prompts), list(zip(arrays, prompts))
 
@@ -164,13 +165,13 @@ def save_evaluation_picture(path: str | Path, generated: list, answered: list, w
 
 def guidance_sweep(model, tokenizer, world, split: str = "val", n_prompts: int = 48,
                    scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 5.0), seeds: tuple[int, ...] = (0, 1, 2),
-                   temperature: float = 1.0, top_k: int = 0, log=print) -> dict:
+                   temperature: float = 1.0, top_k: int = 0, log=print, epsilon: float = 0.0) -> dict:
     """T2I score for each guidance scale, over sampling seeds: how much classifier-free guidance adds, and
     which scale to use. Returns {scale: {"mean", "std", "per_seed", per-category means}}."""
     result = {}
     for scale in scales:
-        runs = [evaluate_t2i(model, tokenizer, world, split, n_prompts, scale, temperature, top_k, seed)[0]
-                for seed in seeds]
+        runs = [evaluate_t2i(model, tokenizer, world, split, n_prompts, scale, temperature, top_k, seed,
+                             epsilon=epsilon)[0] for seed in seeds]
         overall = np.array([r["overall"] for r in runs])
         row = {"mean": float(overall.mean()), "std": float(overall.std(ddof=1)) if len(runs) > 1 else 0.0,
                "per_seed": overall.tolist()}

@@ -81,8 +81,8 @@ class OmniMambaConfig:
         """Default image sampling: ours (guidance 3, full distribution), or the official inference_t2i.py's
         (greedy, top_k 1, no guidance)."""
         if self.conventions == "official":
-            return {"guidance_scale": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0}
-        return {"guidance_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+            return {"guidance_scale": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0, "epsilon": 0.0}
+        return {"guidance_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "epsilon": 0.0}
 
     def replace(self, **changes) -> "OmniMambaConfig":
         return dataclasses.replace(self, **changes)

@@ -10,7 +10,8 @@ from torch import Tensor
 
 from ..decoding import StepRunner, graphs_enabled
 from ..errors import UserError
-from ..generation import DoneFlag, check_sampling_args, make_generator, sample_next_token
+from ..generation import (DoneFlag, check_epsilon, check_sampling_args, epsilon_floor, make_generator,
+                          sample_next_token)
 from ..lora import TaskLoRALinear
 from ..sequence import pad_rows_left
 
@@ -241,15 +242,17 @@ class GenerationMixin:
                              guidance_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0,
                              top_p: float = 1.0, seed: int | None = None, progress=None,
                              use_cuda_graph: bool | None = None,
-                             null_prefix: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+                             null_prefix: tuple[Tensor, Tensor, Tensor] | None = None, epsilon: float = 0.0) -> Tensor:
         """T2I: image codes (b, N) for left-padded prefixes [T2I][SOT]{caption}[EOT][SOI].
 
         guidance_scale s: 1 samples from the conditional logits alone; any other s >= 0 runs conditional and
         unconditional rows in one batch (see guidance_rows) and mixes their logits as uncond + s * (cond -
-        uncond). use_cuda_graph: replay each decode step as a CUDA graph; None means on for CUDA models in
+        uncond). epsilon > 0 never samples a code whose conditional probability is below it (epsilon_floor).
+        use_cuda_graph: replay each decode step as a CUDA graph; None means on for CUDA models in
         eval mode.
         """
         check_sampling_args(temperature, top_k, top_p)
+        check_epsilon(epsilon)
         if guidance_scale < 0:
             raise UserError(f"guidance_scale must be >= 0, got {guidance_scale}")
         self._check_text_ids(prefix_ids)
@@ -270,9 +273,12 @@ class GenerationMixin:
             codes = []
             steps = range(N) if progress is None else progress(range(N))
             for i in steps:
-                logits = self.image_logits(hidden).float()
+                logits = cond = self.image_logits(hidden).float()
                 if cfg:
-                    logits = cfg_logits(logits[:b], logits[b:], guidance_scale)
+                    cond = logits[:b]
+                    logits = cfg_logits(cond, logits[b:], guidance_scale)
+                if epsilon:
+                    logits = epsilon_floor(logits, cond, epsilon)
                 token = sample_next_token(logits, temperature, top_k, top_p, generator)
                 codes.append(token)
                 if i == N - 1:

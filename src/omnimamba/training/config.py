@@ -155,6 +155,7 @@ class RunSection:
     eval_guidance: float = 3.0
     eval_top_k: int = 0          # image-code sampling during evaluation: keep the k most likely codes (0 = all)
     eval_temperature: float = 1.0  # ... and its temperature
+    eval_epsilon: float = 0.0    # ... and its floor on the conditional probability (generation.epsilon_floor)
     tensorboard: bool = True
     progress: bool = True
     strategy: str = "ddp"        # multi-process: "ddp" | "fsdp" (FSDP2)
@@ -208,6 +209,8 @@ class TrainConfig:
             raise UserError(f"vq_train.restart must be one of {', '.join(RESTART_MODES)}, got {self.vq_train.restart!r}")
         if self.run.eval_temperature < 0 or self.run.eval_top_k < 0:
             raise UserError("run.eval_temperature and run.eval_top_k must be >= 0")
+        if not 0 <= self.run.eval_epsilon < 1:
+            raise UserError(f"run.eval_epsilon must be in [0, 1) (0: no floor), got {self.run.eval_epsilon}")
         if self.run.micro_batch < 0:
             raise UserError(f"run.micro_batch must be >= 0 (0: the whole batch at once), got {self.run.micro_batch}")
         if self.run.loss_chunk < 0:

@@ -430,10 +430,12 @@ class Trainer:
             result["mmu"], answered = evaluate_mmu(self.model, self.tokenizer, self.world, "val", r.eval_images)
         if self.t2i_source is not None and r.eval_prompts:
             result["t2i"], generated = evaluate_t2i(self.model, self.tokenizer, self.world, "val", r.eval_prompts,
-                                                    r.eval_guidance, r.eval_temperature, r.eval_top_k)
+                                                    r.eval_guidance, r.eval_temperature, r.eval_top_k,
+                                                    epsilon=r.eval_epsilon)
             if r.eval_guidance != 1.0:  # what guidance adds, measured at every evaluation
                 result["t2i_unguided"], _ = evaluate_t2i(self.model, self.tokenizer, self.world, "val",
-                                                         r.eval_prompts, 1.0, r.eval_temperature, r.eval_top_k)
+                                                         r.eval_prompts, 1.0, r.eval_temperature, r.eval_top_k,
+                                                         epsilon=r.eval_epsilon)
         self.model.train()
         self.model.vq.eval()
         out = self.out / "eval"
