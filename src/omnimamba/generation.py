@@ -10,13 +10,15 @@ from torch import Tensor
 from .errors import UserError
 
 
-def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
+def check_sampling_args(temperature: float, top_k: int, top_p: float, epsilon: float = 0.0) -> None:
     if not math.isfinite(temperature) or temperature < 0:
         raise UserError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}")
     if top_k < 0:
         raise UserError(f"top_k must be >= 0 (0 means no top-k filter), got {top_k}")
     if not 0 < top_p <= 1:
         raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    if not 0 <= epsilon < 1:
+        raise UserError(f"epsilon must be in [0, 1) (0 means no floor), got {epsilon}")
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -42,11 +44,6 @@ def epsilon_floor(logits: Tensor, reference: Tensor, epsilon: float) -> Tensor:
     model is even less likely than the conditional one, however unlikely both are)."""
     probs = torch.softmax(reference.float(), dim=-1)
     return logits.masked_fill(probs < torch.clamp(probs.amax(-1, keepdim=True), max=epsilon), float("-inf"))
-
-
-def check_epsilon(epsilon: float) -> None:
-    if not 0 <= epsilon < 1:
-        raise UserError(f"epsilon must be in [0, 1) (0 means no floor), got {epsilon}")
 
 
 def sample_next_token(

@@ -131,7 +131,7 @@ def generate_images(model, tokenizer, prompts, guidance_scale: float | None = No
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     given = {"guidance_scale": guidance_scale, "temperature": temperature, "top_k": top_k, "top_p": top_p,
              "epsilon": epsilon}
-    sampling = {k: v if given.get(k) is None else given[k] for k, v in model.config.image_sampling.items()}
+    sampling = {k: v if given[k] is None else given[k] for k, v in model.config.image_sampling.items()}
     device = _model_device(model)
     prefixes = [t2i_prefix(tokenizer, p, model.config.max_caption_tokens) for p in prompts]
     null = null_prefix(model, tokenizer)

@@ -10,8 +10,7 @@ from torch import Tensor
 
 from ..decoding import StepRunner, graphs_enabled
 from ..errors import UserError
-from ..generation import (DoneFlag, check_epsilon, check_sampling_args, epsilon_floor, make_generator,
-                          sample_next_token)
+from ..generation import DoneFlag, check_sampling_args, epsilon_floor, make_generator, sample_next_token
 from ..lora import TaskLoRALinear
 from ..sequence import pad_rows_left
 
@@ -251,8 +250,7 @@ class GenerationMixin:
         use_cuda_graph: replay each decode step as a CUDA graph; None means on for CUDA models in
         eval mode.
         """
-        check_sampling_args(temperature, top_k, top_p)
-        check_epsilon(epsilon)
+        check_sampling_args(temperature, top_k, top_p, epsilon)
         if guidance_scale < 0:
             raise UserError(f"guidance_scale must be >= 0, got {guidance_scale}")
         self._check_text_ids(prefix_ids)
