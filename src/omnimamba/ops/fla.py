@@ -87,43 +87,94 @@ def scan_backward(d_state: int, headdim: int) -> str:
 
 
 _refusal_lock = threading.Lock()
+_CHUNK = 64  # fla's chunk length for simple GLA (the result does not depend on it)
 
 
-@functools.cache
-def _verified_scan_function() -> type[torch.autograd.Function]:
-    """fla's simple-GLA autograd function, its backward run with the #640 refusal lifted (nothing else changes)."""
+# The scan as two custom operators (forward, backward) with a registered autograd formula rather than fla's
+# autograd.Function: torch.compile sees one opaque op with known output shapes (no graph break), so a whole
+# Mamba-2 block compiles as one graph around it (Mamba2Backbone.compile_blocks). Eager runs the same two ops.
+@torch.library.custom_op("omnimamba::gla_fwd", mutates_args=())
+def _gla_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state0: Tensor | None, lift_refusal: bool
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """fla's chunked simple GLA forward, scale 1, state (b, h, V, K): (o, final state, g's chunk-local cumsum
+    pre-scaled to base 2, which the backward reads). `lift_refusal` is the backward's (see `_gla_bwd`)."""
+    from fla.ops.simple_gla.chunk import chunk_simple_gla_fwd
+    from fla.ops.utils import chunk_local_cumsum
+    from fla.ops.utils.constant import RCP_LN2
+
+    # fla's kernels index their inputs as contiguous; under torch.compile inductor picks the strides it passes
+    q, k, v, g = (t.contiguous() for t in (q, k, v, g))
+    with torch.cuda.device(q.device):
+        g_cum = chunk_local_cumsum(g, chunk_size=_CHUNK, scale=RCP_LN2)
+        o, ht = chunk_simple_gla_fwd(q, k, v, g=g_cum, scale=1.0, initial_state=state0, output_final_state=True,
+                                     state_v_first=True, chunk_size=_CHUNK)
+    return o.to(q.dtype).contiguous(), ht.float().contiguous(), g_cum.float().contiguous()
+
+
+@_gla_fwd.register_fake
+def _(q, k, v, g, state0, lift_refusal):
+    b, _, h, n = k.shape
+    return q.new_empty(v.shape), q.new_empty((b, h, v.size(-1), n), dtype=torch.float32), \
+        g.new_empty(g.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("omnimamba::gla_bwd", mutates_args=())
+def _gla_bwd(q: Tensor, k: Tensor, v: Tensor, g_cum: Tensor, state0: Tensor | None, do: Tensor,
+             dht: Tensor | None, lift_refusal: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv, dg and d(state0) (empty without a state0); `lift_refusal`: fla #640's Hopper refusal lifted
+    for this call (the verified shape, see `scan_backward`)."""
     import fla.ops.common.chunk_o as chunk_o
-    from fla.ops.simple_gla.chunk import ChunkSimpleGLAFunction
+    from fla.ops.simple_gla.chunk import chunk_simple_gla_bwd
+    from fla.ops.utils import chunk_local_cumsum
 
-    class VerifiedScan(ChunkSimpleGLAFunction):
-        @staticmethod
-        def backward(ctx, do, dht):
-            with _refusal_lock:
-                saved, chunk_o.TRITON_ABOVE_3_7_1 = chunk_o.TRITON_ABOVE_3_7_1, True
-                try:
-                    return ChunkSimpleGLAFunction.backward(ctx, do, dht)
-                finally:
-                    chunk_o.TRITON_ABOVE_3_7_1 = saved
+    q, k, v, g_cum = (t.contiguous() for t in (q, k, v, g_cum))
+    with torch.cuda.device(q.device), _refusal_lock:
+        saved = chunk_o.TRITON_ABOVE_3_7_1
+        chunk_o.TRITON_ABOVE_3_7_1 = saved or lift_refusal
+        try:
+            dq, dk, dv, dg, dh0 = chunk_simple_gla_bwd(
+                q, k, v, g_cum, None, state0, do.contiguous(), None if dht is None else dht.contiguous(),
+                scale=1.0, state_v_first=True, chunk_size=_CHUNK)
+        finally:
+            chunk_o.TRITON_ABOVE_3_7_1 = saved
+        dg = chunk_local_cumsum(dg, chunk_size=_CHUNK, reverse=True)
+    dh0 = q.new_empty(0, dtype=torch.float32) if dh0 is None else dh0.float().contiguous()
+    return (dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(),
+            dg.float().contiguous(), dh0)
 
-    return VerifiedScan
+
+@_gla_bwd.register_fake
+def _(q, k, v, g_cum, state0, do, dht, lift_refusal):
+    # contiguous, as the real outputs are (empty_like would copy the inputs' strides, which inductor chooses)
+    dh0 = q.new_empty(0 if state0 is None else state0.shape, dtype=torch.float32)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            g_cum.new_empty(g_cum.shape, dtype=torch.float32), dh0)
+
+
+def _gla_setup(ctx, inputs, output):
+    q, k, v, _, state0, lift_refusal = inputs
+    ctx.lift_refusal, ctx.has_state0 = lift_refusal, state0 is not None
+    ctx.save_for_backward(q, k, v, output[2], state0)
+
+
+def _gla_backward(ctx, do, dht, _dg_cum):
+    q, k, v, g_cum, state0 = ctx.saved_tensors
+    dq, dk, dv, dg, dh0 = _gla_bwd(q, k, v, g_cum, state0, do, dht, ctx.lift_refusal)
+    return dq, dk, dv, dg, dh0 if ctx.has_state0 else None, None
+
+
+_gla_fwd.register_autograd(_gla_backward, setup_context=_gla_setup)
 
 
 def _gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state0: Tensor | None, verified: bool) -> tuple[Tensor, Tensor]:
-    """fla's chunked simple GLA, scale 1, state (b, h, V, K); `verified`: through `_verified_scan_function`,
-    K zero-padded to VERIFIED_K."""
-    if not verified:
-        from fla.ops.simple_gla import chunk_simple_gla
-
-        return chunk_simple_gla(q, k, v, g=g, scale=1.0, initial_state=state0, output_final_state=True,
-                                state_v_first=True)
+    """fla's chunked simple GLA, scale 1, state (b, h, V, K); `verified`: K zero-padded to VERIFIED_K and the
+    backward run with fla #640's refusal lifted."""
     n = k.size(-1)
-    if n < VERIFIED_K:  # F.pad copies even when it adds nothing: only where there is something to add
+    if verified and n < VERIFIED_K:  # F.pad copies even when it adds nothing: only where there is something to add
         pad = (0, VERIFIED_K - n)
         q, k = F.pad(q, pad), F.pad(k, pad)
         state0 = None if state0 is None else F.pad(state0, pad)
-    # ChunkSimpleGLAFunction.apply(q, k, v, g, g_gamma, scale, initial_state, output_final_state,
-    #                              state_v_first, cu_seqlens, cu_seqlens_cpu, chunk_size) in fla 0.6
-    y, final = _verified_scan_function().apply(q, k, v, g, None, 1.0, state0, True, True, None, None, None)
+    y, final, _ = _gla_fwd(q, k, v, g, state0, verified)
     return y, final[..., :n]
 
 
@@ -147,6 +198,15 @@ def ssd_chunked(
                       f"Install Triton >= 3.7.1 or tilelang for the fast backward.", stacklevel=2)
         return reference.ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
 
+    return scan(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state, verified=route == "fla-verified")
+
+
+def scan(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None = None,
+    initial_state: Tensor | None = None, verified: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """`ssd_chunked` on fla with its route decided (`verified`: 'fla-verified', see `scan_backward`): tensor
+    work only, so torch.compile traces it whole (ops/compiled.py). CUDA tensors; `chunk_size` is fla's own."""
     h = x.size(2)
     k = reference.heads_from_groups(B, h, dim=2).to(x.dtype)
     q = reference.heads_from_groups(C, h, dim=2).to(x.dtype)
@@ -154,8 +214,7 @@ def ssd_chunked(
     g = (dt * A.to(dt.dtype)).float()
     state0 = None if initial_state is None else initial_state.float()
     # state_v_first: fla's state is (b, h, V=headdim, K=d_state), our (b, h, p, n) layout.
-    y, final = _gla(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), state0,
-                    verified=route == "fla-verified")
+    y, final = _gla(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), state0, verified=verified)
     if D is not None:
         y = y + (D.to(y.dtype)[:, None] * x)
     return y.to(x.dtype), final.float()
