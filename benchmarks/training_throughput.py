@@ -11,11 +11,15 @@ token ids, the same optimizer and autocast; run at the batch OmniMamba fitted, a
 frozen DINOv2 + SigLIP forward. Tokens counted: every sequence position through the backbone.
 
     python benchmarks/training_throughput.py [--mmu-batch 3] [--t2i-batch 48] [--steps 8]
-        [--activation-checkpointing] [--loss-chunk 4096]
+        [--activation-checkpointing] [--loss-chunk 4096] [--compile]
     torchrun --nproc-per-node 2 benchmarks/training_throughput.py --strategy ddp|fsdp [...]
 
 Under torchrun (NCCL) every process runs the given batch on its GPU, the model wrapped as `omnimamba train`
 wraps it (DDP, or FSDP2 per block); tokens/s counts all processes; no baseline is run.
+
+`--compile` (the training config's run.compile): each OmniMamba block through torch.compile, one graph shared by
+the blocks (the first warm-up step compiles); the baseline's decoder layers are compiled the same way. On the
+GPU backend its gradients do not yet match eager's (Mamba2Backbone.compile_blocks): a speed measurement only.
 
 Memory options (the training config's run.activation_checkpointing and run.loss_chunk): per-block activation
 checkpointing (the baseline gets transformers' gradient checkpointing too), and the heads + cross-entropy on
@@ -116,6 +120,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward")
     ap.add_argument("--loss-chunk", type=int, default=0, help="target positions per head + loss chunk (0: all)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each block (run.compile; the baseline "
+                    "gets its decoder layers compiled too)")
     ap.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp", help="under torchrun: how the "
                     "model is spread over the processes")
     ap.add_argument("--fsdp-shard-frozen", action="store_true", help="under FSDP2: shard the frozen vision "
@@ -129,6 +135,7 @@ def main() -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     options = ", ".join([o for o, on in (("checkpointing", args.activation_checkpointing),
                                          (f"loss chunk {args.loss_chunk}", args.loss_chunk),
+                                         ("compiled blocks", args.compile),
                                          (f"{world} GPUs, {args.strategy}", world > 1),
                                          ("frozen modules sharded", world > 1 and args.strategy == "fsdp"
                                           and args.fsdp_shard_frozen)) if on]) or "none"
@@ -179,6 +186,7 @@ def main() -> None:
     model.train()
     model.backbone.gradient_checkpointing = args.activation_checkpointing
     model.loss_chunk = args.loss_chunk
+    model.backbone.compile_blocks(args.compile, unverified_gpu=True)  # see its docstring: speed only
     apply_freeze_plan(model, "stage2-unified")
     n_image = model.encode_images(torch.rand(1, 3, 384, 384, device="cuda")).size(1)
     mmu_len, t2i_len = 4 + n_image + TEXT, 2 + model.config.max_caption_tokens + 2 + model.config.image_tokens + 1
@@ -210,6 +218,9 @@ def main() -> None:
             llama = gc.llama_baseline().float().train()
             if args.activation_checkpointing:
                 llama.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if args.compile:
+                for layer in llama.model.layers:
+                    layer.compile()
             record("llama", lambda bm, bt: llama_step_fn(llama, bm, bt, mmu_len, t2i_len), [fitted])
             if fitted != (bm, bt):
                 record("llama", lambda bm, bt: llama_step_fn(llama, bm, bt, mmu_len, t2i_len), [(bm, bt)])

@@ -227,6 +227,77 @@ def test_activation_checkpointing_gives_the_plain_gradients_on_the_fast_path(dty
         assert rel(grads[True][name], g) < tol, name
 
 
+def shapes_batches():
+    from omnimamba.sequence import MMUBatch, T2IBatch, mmu_example, t2i_prefix
+    from omnimamba.tokenizer import TextTokenizer
+
+    tok = TextTokenizer.shapes()
+    gen = torch.Generator().manual_seed(1)
+    turns = (("how many circles are there?", "two"), ("what color is the square?", "red"),
+             ("describe the image.", "a big red square"))
+    mmu = MMUBatch.collate(torch.rand(3, 3, 64, 64, generator=gen), [mmu_example(tok, [t]) for t in turns],
+                           tok.special)
+    t2i = T2IBatch.collate([t2i_prefix(tok, c, 24) for c in ("a red circle", "two blue squares left of a circle")],
+                           torch.randint(0, 512, (2, 256), generator=gen), tok.special)
+    return mmu.to("cuda"), t2i.to("cuda")
+
+
+def shapes_run(compiled, checkpointing, dropout=0.0, bf16=False):
+    """Loss and gradients of one training forward + backward of a Shapes model on the fla backend (LoRA B
+    drawn away from zero, so the routes take part)."""
+    from omnimamba.model import OmniMamba
+    from omnimamba.model import preset as omni_preset
+
+    mmu, t2i = shapes_batches()
+    torch.manual_seed(0)
+    model = OmniMamba(omni_preset("shapes-small", lora_dropout=dropout), backend="fla").cuda().train()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    model.backbone.compile_blocks(compiled, unverified_gpu=True)
+    model.backbone.gradient_checkpointing = checkpointing
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        out = model(mmu=mmu, t2i=t2i, t2i_drop=torch.tensor([False, True], device="cuda"))
+    out["loss"].backward()
+    return out["loss"].detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.xfail(strict=True, reason="known: compiled blocks on fla give other gradients (2026-12-04, H200: "
+                   "the embedding's 14 % off in float32 with both tasks); compile_blocks refuses fla until fixed")
+@pytest.mark.parametrize("bf16", [False, True])
+def test_compiled_training_blocks_give_the_eager_gradients_on_the_fast_path(bf16):
+    """run.compile on the fla backend: both tasks of a Shapes model (task LoRA, T2I's padding mask, caption
+    dropout), compiled blocks (inductor's norms, conv and glue around fla's scan as one custom op), plain and
+    checkpointed, against the eager fla blocks; no graph breaks. In float32 (TF32 in both) within 1e-3. Under
+    bf16 autocast the two round differently (inductor keeps a fused kernel's intermediates in float32), so
+    each is held to the float32 eager run: compiled no further from it than twice eager's distance."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    truth, truth_grads = shapes_run(False, False)
+    eager, eager_grads = shapes_run(False, False, bf16=bf16) if bf16 else (truth, truth_grads)
+    for checkpointing in (False, True):
+        got, got_grads = shapes_run(True, checkpointing, bf16=bf16)
+        assert got_grads.keys() == truth_grads.keys()
+        if not bf16:
+            assert got.item() == pytest.approx(truth.item(), rel=1e-4)
+        for name, g in truth_grads.items():
+            if g.abs().max() < 1e-8:  # a true gradient of 0 (attention key biases) holds rounding noise
+                continue
+            bound = 2 * rel(eager_grads[name], g) + 1e-3 if bf16 else 1e-3
+            assert rel(got_grads[name], g) < bound, (checkpointing, name, rel(got_grads[name], g), bound)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+    # LoRA dropout under compile draws inductor's masks, not eager's: the checkpointed recomputation must draw
+    # the forward's again (the compiled plain run's gradients), and the masks must be on
+    plain, plain_grads = shapes_run(True, False, dropout=0.1, bf16=bf16)
+    recomputed, recomputed_grads = shapes_run(True, True, dropout=0.1, bf16=bf16)
+    assert recomputed.item() == pytest.approx(plain.item(), rel=1e-4) and plain.item() != got.item()
+    for name, g in plain_grads.items():
+        assert g.abs().max() < 1e-8 or rel(recomputed_grads[name], g) < 1e-3, ("dropout, checkpointed", name)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="the pins apply to Hopper GPUs")
 def test_every_fla_pin_finds_its_kernel_and_configuration(monkeypatch):

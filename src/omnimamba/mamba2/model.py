@@ -16,9 +16,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -78,14 +79,16 @@ class Mamba2Mixer(nn.Module):
         return torch.split(xBC, [c.d_inner, gn, gn], dim=-1)
 
     def forward(
-        self, u: Tensor, cache: Mamba2Cache | None = None, mask: Tensor | None = None, task: str | None = None
+        self, u: Tensor, cache: Mamba2Cache | None = None, mask: Tensor | None = None, task: str | None = None,
+        kernels: ModuleType | SimpleNamespace | None = None,
     ) -> Tensor:
         """u (b, l, d_model) -> (b, l, d_model). With a cache, continue from and update its state.
 
         mask (b, l), 1 for real tokens and 0 for left padding: padded positions feed zeros to the conv and
-        have dt = 0, so the state they leave behind is exactly that of an unpadded sequence.
+        have dt = 0, so the state they leave behind is exactly that of an unpadded sequence. `kernels`: a
+        backend for this call instead of the mixer's own (the compiled training path's, ops/compiled.py).
         """
-        c, k = self.config, self.kernels
+        c, k = self.config, kernels or self.kernels
         b, l, _ = u.shape
         z, xBC, dt = self._project_in(u, task)
         if mask is not None:
@@ -136,13 +139,15 @@ class Mamba2Block(nn.Module):
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.mixer = Mamba2Mixer(config, layer_idx, kernels)
 
-    def _add_and_norm(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
-        return self.mixer.kernels.add_rmsnorm(hidden, residual, self.norm.weight, self.norm.eps,
-                                              self.residual_in_fp32)
+    def _add_and_norm(self, hidden: Tensor, residual: Tensor | None,
+                      kernels: ModuleType | SimpleNamespace | None = None
+                      ) -> tuple[Tensor, Tensor]:
+        return (kernels or self.mixer.kernels).add_rmsnorm(hidden, residual, self.norm.weight, self.norm.eps,
+                                                           self.residual_in_fp32)
 
-    def forward(self, hidden, residual, cache=None, mask=None, task=None) -> tuple[Tensor, Tensor]:
-        normed, residual = self._add_and_norm(hidden, residual)
-        return self.mixer(normed, cache=cache, mask=mask, task=task), residual
+    def forward(self, hidden, residual, cache=None, mask=None, task=None, kernels=None) -> tuple[Tensor, Tensor]:
+        normed, residual = self._add_and_norm(hidden, residual, kernels)
+        return self.mixer(normed, cache=cache, mask=mask, task=task, kernels=kernels), residual
 
     def step(self, hidden, residual, cache, task=None) -> tuple[Tensor, Tensor]:
         normed, residual = self._add_and_norm(hidden, residual)
@@ -165,9 +170,33 @@ class Mamba2Backbone(nn.Module):
         self.layers = nn.ModuleList(Mamba2Block(config, i, kernels) for i in range(config.n_layer))
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
 
+    # Training forwards (gradients on, no cache) run each block through torch.compile (`compile_blocks`).
+    compiled: bool = False
+
     def set_kernels(self, kernels: ModuleType) -> None:
         for layer in self.layers:
             layer.mixer.kernels = kernels
+
+    def compile_blocks(self, enabled: bool = True, *, unverified_gpu: bool = False) -> None:
+        """Run training forwards through torch.compile, one block at a time: the blocks share one compiled
+        graph per task and shape (regional compilation), built on the first steps; prefill, decoding and
+        evaluation stay eager. On the reference kernels the gradients match eager (tests/test_compiled_training.py).
+        On the fla backend (inductor's norms, conv and glue around fla's scan, ops/compiled.py) they do not yet
+        (2026-12-04, one H200: a Mamba-2 130m-wide model's dt_bias gradients off by orders of magnitude; a
+        Shapes model's embedding gradient 14 % off when both tasks run; tests/test_ops_gpu.py, xfail), so it is
+        refused there unless `unverified_gpu` (benchmarks/training_throughput.py --compile, for its speed)."""
+        if enabled and not unverified_gpu and self.layers[0].mixer.kernels.__name__ == "omnimamba.ops.fla":
+            from ..errors import UserError
+
+            raise UserError("compiled training blocks on the fla (GPU) backend do not yet give eager's gradients "
+                            "(tests/test_ops_gpu.py): set run.compile: false, or train on the reference backend")
+        self.compiled = enabled
+
+    def _training_kernels(self) -> SimpleNamespace:
+        from ..ops.compiled import training_kernels
+
+        fla = getattr(self.layers[0].mixer.kernels, "__name__", "") == "omnimamba.ops.fla"
+        return training_kernels(self.config.d_state, self.config.headdim, fla)
 
     def forward(
         self, inputs_embeds: Tensor, cache: Mamba2Cache | None = None, mask: Tensor | None = None,
@@ -175,12 +204,18 @@ class Mamba2Backbone(nn.Module):
     ) -> Tensor:
         """inputs_embeds (b, l, d_model) -> final hidden states (b, l, d_model)."""
         hidden, residual = inputs_embeds, None
-        recompute = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
+        training = cache is None and torch.is_grad_enabled()
+        recompute = self.gradient_checkpointing and training
+        if self.compiled and training:
+            block, kernels = _compiled_block(), self._training_kernels()
+        else:
+            block, kernels = _eager_block, None
         for layer in self.layers:
             if recompute:
-                hidden, residual = checkpoint(layer, hidden, residual, None, mask, task, use_reentrant=False)
+                hidden, residual = checkpoint(block, layer, hidden, residual, mask, task, kernels,
+                                              use_reentrant=False)
             else:
-                hidden, residual = layer(hidden, residual, cache=cache, mask=mask, task=task)
+                hidden, residual = block(layer, hidden, residual, mask, task, kernels, cache)
         out = self._final_norm(hidden, residual)
         if cache is not None:
             cache.seqlen_offset += inputs_embeds.size(1)
@@ -227,6 +262,20 @@ class Mamba2Backbone(nn.Module):
     def _final_norm(self, hidden: Tensor, residual: Tensor) -> Tensor:
         kernels = self.layers[0].mixer.kernels
         return kernels.add_rmsnorm(hidden, residual, self.norm_f.weight, self.norm_f.eps)[0]
+
+
+def _eager_block(layer: Mamba2Block, hidden: Tensor, residual: Tensor | None, mask: Tensor | None,
+                 task: str | None, kernels: ModuleType | SimpleNamespace | None,
+                 cache: Mamba2Cache | None = None
+                 ) -> tuple[Tensor, Tensor]:
+    return layer(hidden, residual, cache=cache, mask=mask, task=task, kernels=kernels)
+
+
+@functools.cache
+def _compiled_block():
+    """`_eager_block` under torch.compile, made on first use: one function for every block of every model, so
+    dynamo's cache holds one graph per (task, mask or not, shapes) and not one per layer."""
+    return torch.compile(_eager_block)
 
 
 @torch.no_grad()

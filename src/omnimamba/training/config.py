@@ -165,6 +165,9 @@ class RunSection:
     loss_chunk: int = 0
     # sequences per task in one forward on a process (0: its whole share of the step); the rest accumulate
     micro_batch: int = 0
+    # run each backbone block's training forward + backward through torch.compile: verified on the reference
+    # kernels only (same gradients); refused on the GPU backend until its gradients match (compile_blocks)
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,9 @@ class TrainConfig:
             raise UserError("run.eval_temperature and run.eval_top_k must be >= 0")
         if not 0 <= self.run.eval_epsilon < 1:
             raise UserError(f"run.eval_epsilon must be in [0, 1) (0: no floor), got {self.run.eval_epsilon}")
+        if self.run.compile and self.run.strategy == "fsdp":
+            raise UserError("run.compile is not supported with run.strategy fsdp yet (FSDP2's per-block hooks "
+                            "around compiled blocks are untested): use strategy ddp, or compile: false")
         if self.run.micro_batch < 0:
             raise UserError(f"run.micro_batch must be >= 0 (0: the whole batch at once), got {self.run.micro_batch}")
         if self.run.loss_chunk < 0:

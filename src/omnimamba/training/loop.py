@@ -66,6 +66,7 @@ class Trainer:
         self.model.tokenizer = self.tokenizer
         self.model.backbone.gradient_checkpointing = config.run.activation_checkpointing
         self.model.loss_chunk = config.run.loss_chunk
+        self.model.backbone.compile_blocks(config.run.compile)
         self.world = shapes_world(config) if config.data.source == "shapes" else None
         self.mmu_source = self.t2i_source = None
         self.metrics = MetricsLog(self.out, config.run.tensorboard)
