@@ -290,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"omnimamba {args.verb}: error: {e}", file=sys.stderr)
+        # one line, even where the message quotes a user's path holding a line break or carriage return
+        print(f"omnimamba {args.verb}: error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         return 2
 
 
