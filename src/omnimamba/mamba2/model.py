@@ -185,18 +185,20 @@ class Mamba2Backbone(nn.Module):
         (2026-12-04, one H200: a Mamba-2 130m-wide model's dt_bias gradients off by orders of magnitude; a
         Shapes model's embedding gradient 14 % off when both tasks run; tests/test_ops_gpu.py, xfail), so it is
         refused there unless `unverified_gpu` (benchmarks/training_throughput.py --compile, for its speed)."""
-        if enabled and not unverified_gpu and self.layers[0].mixer.kernels.__name__ == "omnimamba.ops.fla":
+        if enabled and not unverified_gpu and self._on_fla():
             from ..errors import UserError
 
             raise UserError("compiled training blocks on the fla (GPU) backend do not yet give eager's gradients "
-                            "(tests/test_ops_gpu.py): set run.compile: false, or train on the reference backend")
+                            "(tests/test_ops_gpu.py): set run.compile: false, or run.backend: reference")
         self.compiled = enabled
+
+    def _on_fla(self) -> bool:
+        return getattr(self.layers[0].mixer.kernels, "__name__", "") == "omnimamba.ops.fla"
 
     def _training_kernels(self) -> SimpleNamespace:
         from ..ops.compiled import training_kernels
 
-        fla = getattr(self.layers[0].mixer.kernels, "__name__", "") == "omnimamba.ops.fla"
-        return training_kernels(self.config.d_state, self.config.headdim, fla)
+        return training_kernels(self.config.d_state, self.config.headdim, self._on_fla())
 
     def forward(
         self, inputs_embeds: Tensor, cache: Mamba2Cache | None = None, mask: Tensor | None = None,
