@@ -87,3 +87,34 @@ def test_model_overrides_reach_the_sub_configs():
         _preset_with("shapes-tiny", {"nope": 1})
     with pytest.raises(UserError, match="model.overrides.vq"):
         _preset_with("shapes-tiny", {"vq": {"codebook_size": -1}})
+
+
+def test_shapes_models_follow_the_worlds_image_size(tmp_path):
+    """A Shapes model reads and writes images of data.shapes.image_size: one code per 4 x 4 pixels, 2 x 2 codes
+    merged for understanding; a size off that grid is refused."""
+    import json
+
+    import torch
+
+    from omnimamba.training.config import config_from_dict
+    from omnimamba.training.loop import Trainer, _preset_with
+
+    default = _preset_with("shapes-tiny", {})
+    assert (default.vq.image_size, default.image_tokens) == (64, 256)
+    cfg = _preset_with("shapes-tiny", {"image_size": 48})
+    assert (cfg.vq.image_size, cfg.understanding.image_size, cfg.understanding.vq.image_size) == (48, 48, 48)
+    assert cfg.image_tokens == 144
+    for bad in (44, 24):
+        with pytest.raises(UserError, match="multiple of 8"):
+            _preset_with("shapes-tiny", {"image_size": bad})
+    trainer = Trainer(config_from_dict({
+        "model": {"preset": "shapes-tiny"}, "data": {"shapes": {"image_size": 48, "train_images": 8}},
+        "stages": [{"name": "stage2-unified", "steps": 1, "lr": 1e-3, "batch": [2, 2]}],
+        "run": {"out": str(tmp_path), "eval_images": 1, "eval_prompts": 1, "progress": False, "tensorboard": False}}),
+        log=lambda *a, **k: None)
+    assert trainer.model.image_positions == 36 and trainer.model.config.image_tokens == 144
+    trainer.run()
+    evaluation = json.loads(next((tmp_path / "eval").glob("*.json")).read_text())
+    assert evaluation["mmu"]["n"] > 0 and evaluation["t2i"]["n"] == 1  # answered and drew at 48 px
+    assert torch.isfinite(torch.tensor([r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl")
+                                                                .read_text().splitlines()) if "loss" in r])).all()

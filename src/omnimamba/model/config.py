@@ -104,11 +104,13 @@ class OmniMambaConfig:
             raise UserError(f"not an OmniMamba config: {e}") from e
 
 
-def shapes_config(size: str = "tiny", text_base_vocab_size: int | None = None) -> OmniMambaConfig:
+def shapes_config(size: str = "tiny", text_base_vocab_size: int | None = None, image_size: int = 64) -> OmniMambaConfig:
     """The embedded Shapes world's models (no pretrained weights exist for it): 'tiny' trains on a CPU in
     minutes (`omnimamba quickstart`), 'small' is the one-GPU recipe (configs/shapes-gpu.yaml). Both read
     images through a trained LlamaGen-architecture tokenizer's encoder (frozen, 2 x 2 patches merged: 64
-    positions) and write them as 256 codes of a patch-local tokenizer (VQConfig.shapes_local)."""
+    positions at 64 px) and write them as codes of a patch-local tokenizer (VQConfig.shapes_local), one per 4 x 4
+    pixel patch: 256 at 64 px (the paper's count). `image_size` (a multiple of 8) is the world's
+    (data.shapes.image_size, which the trainer passes)."""
     if text_base_vocab_size is None:
         from ..tokenizer import TextTokenizer
 
@@ -120,14 +122,17 @@ def shapes_config(size: str = "tiny", text_base_vocab_size: int | None = None) -
     if size not in sizes:
         raise UserError(f"unknown Shapes model size {size!r}; sizes are {sorted(sizes)}")
     d, n, state, headdim, chunk, ch, codes = sizes[size]
+    if image_size < 32 or image_size % 8:
+        raise UserError(f"Shapes models take images of at least 32 px, a multiple of 8 (4 x 4 pixels a code, 2 x 2 "
+                        f"codes merged for understanding); got {image_size}")
     return OmniMambaConfig(
         backbone=Mamba2Config(d_model=d, n_layer=n, vocab_size=text_base_vocab_size + 6, pad_vocab_size_multiple=8,
                               d_state=state, headdim=headdim, chunk_size=chunk, tie_embeddings=True),
         # decoupled encoders (section 3.2): generation codes from a tokenizer whose codes are local patches,
         # understanding features from a LlamaGen-architecture tokenizer's encoder, which sees the whole image
-        understanding=UnderstandingConfig(kind="vq-encoder", image_size=64, spatial_merge=2,
-                                          vq=VQConfig.shapes(ch=ch, codebook_size=codes)),
-        vq=VQConfig.shapes_local(ch=ch, codebook_size=codes),
+        understanding=UnderstandingConfig(kind="vq-encoder", image_size=image_size, spatial_merge=2,
+                                          vq=VQConfig.shapes(ch=ch, codebook_size=codes, image_size=image_size)),
+        vq=VQConfig.shapes_local(ch=ch, codebook_size=codes, image_size=image_size),
         text_base_vocab_size=text_base_vocab_size,
         max_caption_tokens=24,
         lora_dropout=0.0,

@@ -119,6 +119,7 @@ class Trainer:
         overrides = dict(m.overrides)
         if m.preset.startswith("shapes-"):
             overrides.setdefault("text_base_vocab_size", self.tokenizer.base_vocab_size)
+            overrides.setdefault("image_size", self.cfg.data.shapes.image_size)
         config = _preset_with(m.preset, overrides)
         if config.text_base_vocab_size != self.tokenizer.base_vocab_size:
             raise UserError(f"the tokenizer has {self.tokenizer.base_vocab_size} tokens before the specials, the "
@@ -494,11 +495,13 @@ def _preset_with(name: str, overrides: dict):
     overrides = dict(overrides)
     subs = {key: overrides.pop(key) for key in ("backbone", "vq", "understanding") if key in overrides}
     known = {f.name for f in dataclasses.fields(OmniMambaConfig)} - {"backbone", "vq", "understanding"}
+    shapes = name.startswith("shapes-") and name in PRESETS
+    image_size = overrides.pop("image_size", 64) if shapes else 64  # the Shapes world's (data.shapes.image_size)
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise UserError(f"model.overrides: unknown field(s) {unknown}; known: {sorted(known | set(('backbone', 'vq', 'understanding')))}")
-    if name.startswith("shapes-") and name in PRESETS:
-        cfg = shapes_config(name.removeprefix("shapes-"), overrides.pop("text_base_vocab_size", None))
+    if shapes:
+        cfg = shapes_config(name.removeprefix("shapes-"), overrides.pop("text_base_vocab_size", None), image_size)
     else:
         cfg = preset(name)
     for key, fields in subs.items():

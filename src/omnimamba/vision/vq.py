@@ -76,19 +76,19 @@ class VQConfig:
         return cls()
 
     @classmethod
-    def shapes(cls, ch: int = 8, codebook_size: int = 256) -> "VQConfig":
+    def shapes(cls, ch: int = 8, codebook_size: int = 256, image_size: int = 64) -> "VQConfig":
         """LlamaGen's architecture at the embedded Shapes world's size: 64 px images, 4x downsampling -> 16 x 16
         = 256 codes per image (the paper's count), each code a 4 x 4 pixel patch."""
         return cls(codebook_size=codebook_size, ch=ch, ch_mult=(1, 2, 4), num_res_blocks=1, z_channels=64,
-                   image_size=64, norm_groups=8)
+                   image_size=image_size, norm_groups=8)
 
     @classmethod
-    def shapes_local(cls, ch: int = 8, codebook_size: int = 256) -> "VQConfig":
+    def shapes_local(cls, ch: int = 8, codebook_size: int = 256, image_size: int = 64) -> "VQConfig":
         """The Shapes generation tokenizer: `shapes` with a patch encoder, ChannelNorm and no attention, so a code
         is its 4 x 4 patch's alone. LlamaGen's encoder gives the flat background of one image over 200 different
         codes (its GroupNorm and attention see the whole image): image codes that carry the whole image's context
         in every position are what an autoregressive model cannot predict one at a time (README, "Tokenizer")."""
-        return cls.shapes(ch, codebook_size).replace(encoder="patch", norm="channel", attention=False)
+        return cls.shapes(ch, codebook_size, image_size).replace(encoder="patch", norm="channel", attention=False)
 
     def replace(self, **changes) -> "VQConfig":
         return dataclasses.replace(self, **changes)
