@@ -55,13 +55,15 @@ def test_fla_model_greedy_tokens_match_reference():
     assert (fla_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean() >= 0.95
 
 
+# width 4: Mamba-2's; 17: the Shapes models' (one row of 16 image codes and one more, mamba2.Mamba2Config.d_conv)
+@pytest.mark.parametrize("width", [4, 17])
 @pytest.mark.parametrize("resume", [False, True])
-def test_fla_causal_conv_and_step_match_reference(resume):
+def test_fla_causal_conv_and_step_match_reference(resume, width):
     gen = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(2, 37, 96, generator=gen, device="cuda")
-    w = torch.randn(96, 4, generator=gen, device="cuda")
+    w = torch.randn(96, width, generator=gen, device="cuda")
     bias = torch.randn(96, generator=gen, device="cuda")
-    s0 = torch.randn(2, 96, 4, generator=gen, device="cuda") if resume else None
+    s0 = torch.randn(2, 96, width, generator=gen, device="cuda") if resume else None
     y_ref, st_ref = ref.causal_conv(x, w, bias, s0)
     y, st = fla_backend.causal_conv(x, w, bias, s0)
     assert rel(y, y_ref) < 1e-4 and rel(st, st_ref) < 1e-6
@@ -70,6 +72,20 @@ def test_fla_causal_conv_and_step_match_reference(resume):
         step = torch.randn(2, 96, generator=gen, device="cuda")
         assert rel(fla_backend.conv_step(state, step, w, bias), ref.conv_step(state_ref, step, w, bias)) < 1e-4
     assert rel(state, state_ref) < 1e-6
+
+
+@pytest.mark.parametrize("width", [4, 17])
+def test_fla_causal_conv_gradients_match_reference(width):
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    leaves = [torch.randn(*shape, generator=gen, device="cuda") for shape in ((2, 300, 96), (96, width), (96,))]
+    cotangent = torch.randn(2, 300, 96, generator=gen, device="cuda")
+    grads = []
+    for backend in (ref, fla_backend):
+        x, w, bias = (t.detach().requires_grad_() for t in leaves)
+        (backend.causal_conv(x, w, bias)[0] * cotangent).sum().backward()
+        grads.append((x.grad, w.grad, bias.grad))
+    for g, g_ref in zip(*reversed(grads)):
+        assert rel(g, g_ref) < 1e-4
 
 
 def test_fla_prefill_then_decode_matches_reference_forward():

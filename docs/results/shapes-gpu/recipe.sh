@@ -5,9 +5,10 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 OUT=${OUT:-/tmp/recipe_out}; mkdir -p $OUT runs; [ -n "$SMOKE" ] && rm -rf runs/[ABC]*
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 TRAIN_LIMIT=${TRAIN_LIMIT:-445}; EVAL_LIMIT=${EVAL_LIMIT:-75}
-EXTRA=()
+# RECIPE_SET: more training overrides for every run, e.g. RECIPE_SET="--set model.overrides.backbone.d_conv=17"
+read -r -a EXTRA <<< "${RECIPE_SET:-}"
 if [ -n "$SMOKE" ]; then
-  EXTRA=(--set data.shapes.train_images=64 --set vq_train.steps=3 --set stages.0.steps=2 --set stages.1.steps=2
+  EXTRA+=(--set data.shapes.train_images=64 --set vq_train.steps=3 --set stages.0.steps=2 --set stages.1.steps=2
          --set stages.2.steps=4 --set stages.0.batch=[4,0] --set stages.1.batch=[0,4] --set stages.2.batch=[4,4]
          --set run.eval_every=2 --set model.preset=shapes-tiny --set run.eval_images=2 --set run.eval_prompts=2 --set run.device=cpu)
   EVAL_ARGS=(--n-images 2 --n-prompts 2 --device cpu); SWEEP_ARGS=(--n-prompts 2 --seeds 1 --scales 1 3 --device cpu)
