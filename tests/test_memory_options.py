@@ -132,7 +132,10 @@ def test_micro_batches_accumulate_to_the_whole_batch(tmp_path):
     whole = train_losses(tmp_path / "whole", batch=[2, 5])
     for size in (1, 3):
         micro = train_losses(tmp_path / f"micro{size}", batch=[2, 5], micro_batch=size)
-        torch.testing.assert_close(torch.tensor(micro), torch.tensor(whole), rtol=1e-5, atol=0)
+        # float32 sums in another order, through two Adam updates (which scale small gradient entries up): the
+        # third step's gradient norm differs by 1.1e-5 relative with the 17-wide conv; a lost or doubly counted
+        # micro-batch moves the figures by tens of percent
+        torch.testing.assert_close(torch.tensor(micro), torch.tensor(whole), rtol=5e-5, atol=0)
 
 
 def test_micro_splits_cover_each_task_once_within_the_size():

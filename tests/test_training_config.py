@@ -91,7 +91,7 @@ def test_model_overrides_reach_the_sub_configs():
 
 def test_shapes_models_follow_the_worlds_image_size(tmp_path):
     """A Shapes model reads and writes images of data.shapes.image_size: one code per 4 x 4 pixels, 2 x 2 codes
-    merged for understanding; a size off that grid is refused."""
+    merged for understanding, and a conv one row of codes and one code wide; a size off that grid is refused."""
     import json
 
     import torch
@@ -100,10 +100,10 @@ def test_shapes_models_follow_the_worlds_image_size(tmp_path):
     from omnimamba.training.loop import Trainer, _preset_with
 
     default = _preset_with("shapes-tiny", {})
-    assert (default.vq.image_size, default.image_tokens) == (64, 256)
+    assert (default.vq.image_size, default.image_tokens, default.backbone.d_conv) == (64, 256, 17)
     cfg = _preset_with("shapes-tiny", {"image_size": 48})
     assert (cfg.vq.image_size, cfg.understanding.image_size, cfg.understanding.vq.image_size) == (48, 48, 48)
-    assert cfg.image_tokens == 144
+    assert (cfg.image_tokens, cfg.backbone.d_conv) == (144, 13)
     for bad in (44, 24):
         with pytest.raises(UserError, match="multiple of 8"):
             _preset_with("shapes-tiny", {"image_size": bad})
