@@ -19,7 +19,7 @@ wraps it (DDP, or FSDP2 per block); tokens/s counts all processes; no baseline i
 
 `--compile` (the training config's run.compile): each OmniMamba block through torch.compile, one graph shared by
 the blocks (the first warm-up step compiles); the baseline's decoder layers are compiled the same way. On the
-GPU backend its gradients do not yet match eager's (Mamba2Backbone.compile_blocks): a speed measurement only.
+GPU backend its gradients match eager's since ops/fla.py's scan op took x, dt and A (tests/test_ops_gpu.py).
 
 Memory options (the training config's run.activation_checkpointing and run.loss_chunk): per-block activation
 checkpointing (the baseline gets transformers' gradient checkpointing too), and the heads + cross-entropy on
@@ -186,7 +186,7 @@ def main() -> None:
     model.train()
     model.backbone.gradient_checkpointing = args.activation_checkpointing
     model.loss_chunk = args.loss_chunk
-    model.backbone.compile_blocks(args.compile, unverified_gpu=True)  # see its docstring: speed only
+    model.backbone.compile_blocks(args.compile)
     apply_freeze_plan(model, "stage2-unified")
     n_image = model.encode_images(torch.rand(1, 3, 384, 384, device="cuda")).size(1)
     mmu_len, t2i_len = 4 + n_image + TEXT, 2 + model.config.max_caption_tokens + 2 + model.config.image_tokens + 1

@@ -10,6 +10,7 @@ from torch._dynamo.utils import counters
 
 from omnimamba.errors import UserError
 from omnimamba.mamba2 import Mamba2Config, Mamba2LM
+from omnimamba.ops import reference
 from omnimamba.ops.compiled import causal_conv
 from omnimamba.ops.reference import causal_conv as reference_conv
 from omnimamba.training.config import config_from_dict
@@ -66,10 +67,24 @@ def test_compile_with_fsdp_is_refused_with_the_way_out():
         config_from_dict({"run": {"compile": True, "strategy": "fsdp"}})
 
 
-def test_compiled_blocks_are_refused_on_the_gpu_backend_until_their_gradients_match():
-    model = Mamba2LM(Mamba2Config(d_model=64, n_layer=1, vocab_size=100, d_state=16, headdim=16), backend="fla")
-    with pytest.raises(UserError, match="run.compile: false"):
-        model.backbone.compile_blocks()
-    assert not model.backbone.compiled
-    model.backbone.compile_blocks(unverified_gpu=True)  # the benchmark's way, for speed only
-    assert model.backbone.compiled
+def test_compiled_blocks_on_a_gpu_need_the_fla_backend(monkeypatch):
+    """On a GPU the compiled blocks run fla's scan (its gradients checked in tests/test_ops_gpu.py); the
+    reference kernels there are refused by name (inductor cannot generate their scan), at compile_blocks and
+    again at the first compiled forward if the model moved to a GPU since. On a CPU an fla model compiles
+    with the reference scan."""
+    from omnimamba.mamba2.model import Mamba2Backbone
+
+    fla = Mamba2LM(Mamba2Config(d_model=64, n_layer=1, vocab_size=100, d_state=16, headdim=16), backend="fla")
+    fla.backbone.compile_blocks()
+    assert fla.backbone._training_kernels().ssd_chunked is reference.ssd_chunked  # a CPU model: no Triton
+    reference_model = Mamba2LM(Mamba2Config(d_model=64, n_layer=1, vocab_size=100, d_state=16, headdim=16),
+                               backend="reference")
+    reference_model.backbone.compile_blocks()  # on the CPU
+    monkeypatch.setattr(Mamba2Backbone, "_on_gpu", lambda self: True)
+    with pytest.raises(UserError, match="run.backend: auto .*run.compile: false"):
+        reference_model.backbone._training_kernels()
+    with pytest.raises(UserError, match="need the fla backend on a GPU"):
+        Mamba2LM(Mamba2Config(d_model=64, n_layer=1, vocab_size=100, d_state=16, headdim=16),
+                 backend="reference").backbone.compile_blocks()
+    fla.backbone.compile_blocks()
+    assert fla.backbone.compiled

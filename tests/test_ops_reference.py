@@ -202,3 +202,24 @@ def test_heads_from_groups_is_repeat_interleave_values_and_gradients(g, dim):
     (g_ours,) = torch.autograd.grad((ours * w).sum(), t)
     (g_theirs,) = torch.autograd.grad((theirs * w).sum(), t)
     torch.testing.assert_close(g_ours, g_theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gpu_scan_ops_chain_rule_for_x_dt_and_a_matches_autograd(dtype):
+    """ops/fla.py's scan op takes x, dt and A and returns their gradients from fla's dv and dg itself (inductor
+    mis-generated them around the op): the formulas against autograd through v = x * dt, g = dt * A."""
+    from omnimamba.ops.fla import _chain_values_and_decay
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 7, 3, 4, generator=gen).to(dtype).requires_grad_()
+    dt = (torch.rand(2, 7, 3, generator=gen) + 0.1).requires_grad_()
+    A = (-torch.rand(3, generator=gen) - 0.5).requires_grad_()
+    dv, dg = torch.randn(2, 7, 3, 4, generator=gen).to(dtype), torch.randn(2, 7, 3, generator=gen)
+    v, g = x * dt[..., None].to(dtype), (dt * A).float()
+    torch.autograd.backward([v, g], [dv, dg])
+    dx, ddt, dA = _chain_values_and_decay(dv, dg, x.detach(), dt.detach(), A.detach())
+    assert (dx.dtype, ddt.dtype, dA.dtype) == (dtype, torch.float32, torch.float32)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2  # autograd sums dv * x in bf16, the op in float32
+    torch.testing.assert_close(dx, x.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(ddt, dt.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(dA, A.grad, rtol=1e-6, atol=1e-6)

@@ -177,28 +177,36 @@ class Mamba2Backbone(nn.Module):
         for layer in self.layers:
             layer.mixer.kernels = kernels
 
-    def compile_blocks(self, enabled: bool = True, *, unverified_gpu: bool = False) -> None:
+    def compile_blocks(self, enabled: bool = True) -> None:
         """Run training forwards through torch.compile, one block at a time: the blocks share one compiled
         graph per task and shape (regional compilation), built on the first steps; prefill, decoding and
-        evaluation stay eager. On the reference kernels the gradients match eager (tests/test_compiled_training.py).
-        On the fla backend (inductor's norms, conv and glue around fla's scan, ops/compiled.py) they do not yet
-        (2026-12-04, one H200: a Mamba-2 130m-wide model's dt_bias gradients off by orders of magnitude; a
-        Shapes model's embedding gradient 14 % off when both tasks run; tests/test_ops_gpu.py, xfail), so it is
-        refused there unless `unverified_gpu` (benchmarks/training_throughput.py --compile, for its speed)."""
-        if enabled and not unverified_gpu and self._on_fla():
-            from ..errors import UserError
-
-            raise UserError("compiled training blocks on the fla (GPU) backend do not yet give eager's gradients "
-                            "(tests/test_ops_gpu.py): set run.compile: false, or run.backend: reference")
+        evaluation stay eager. The gradients match eager's: on the reference kernels on a CPU
+        (tests/test_compiled_training.py), on the fla backend on a GPU (tests/test_ops_gpu.py). The reference
+        kernels on a GPU are refused: torch 2.11's inductor fails to generate the reference scan's cumsum there
+        (benchmarks/compiled_grad_bisect.py --variants, 2026-12-07)."""
+        if enabled:
+            self._check_compilable()
         self.compiled = enabled
 
     def _on_fla(self) -> bool:
         return getattr(self.layers[0].mixer.kernels, "__name__", "") == "omnimamba.ops.fla"
 
+    def _on_gpu(self) -> bool:
+        return self.embedding.weight.is_cuda
+
+    def _check_compilable(self) -> None:
+        if self._on_gpu() and not self._on_fla():
+            from ..errors import UserError
+
+            raise UserError("compiled training blocks need the fla backend on a GPU (inductor cannot compile the "
+                            "reference scan there): set run.backend: auto (with flash-linear-attention installed), "
+                            "or run.compile: false")
+
     def _training_kernels(self) -> SimpleNamespace:
         from ..ops.compiled import training_kernels
 
-        return training_kernels(self.config.d_state, self.config.headdim, self._on_fla())
+        self._check_compilable()  # the model may have moved to a GPU since compile_blocks
+        return training_kernels(self.config.d_state, self.config.headdim, self._on_gpu())
 
     def forward(
         self, inputs_embeds: Tensor, cache: Mamba2Cache | None = None, mask: Tensor | None = None,

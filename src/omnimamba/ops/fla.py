@@ -93,41 +93,55 @@ _CHUNK = 64  # fla's chunk length for simple GLA (the result does not depend on 
 # The scan as two custom operators (forward, backward) with a registered autograd formula rather than fla's
 # autograd.Function: torch.compile sees one opaque op with known output shapes (no graph break), so a whole
 # Mamba-2 block compiles as one graph around it (Mamba2Backbone.compile_blocks). Eager runs the same two ops.
-@torch.library.custom_op("omnimamba::gla_fwd", mutates_args=())
-def _gla_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state0: Tensor | None, lift_refusal: bool
-             ) -> tuple[Tensor, Tensor, Tensor]:
-    """fla's chunked simple GLA forward, scale 1, state (b, h, V, K): (o, final state, g's chunk-local cumsum
-    pre-scaled to base 2, which the backward reads). `lift_refusal` is the backward's (see `_gla_bwd`)."""
+# The op takes x, dt and A rather than fla's v = x * dt and g = dt * A, and returns their gradients itself:
+# with those products and their backward left to inductor, torch 2.11's generated code gave dt a wrong
+# gradient at sequence lengths off fla's 64-token chunks (a 130m-wide model's dt_bias gradient 2.3e2 and 5.6e3
+# times off in two runs at length 149, right at 128; eager, dynamo and AOTAutograd without inductor all right:
+# benchmarks/results/compiled_grad_bisect*.json). Inside the op they run eagerly; v is recomputed in the
+# backward rather than saved.
+def _values(x: Tensor, dt: Tensor) -> Tensor:
+    return (x * dt[..., None].to(x.dtype)).contiguous()
+
+
+@torch.library.custom_op("omnimamba::ssd_scan_fwd", mutates_args=())
+def _scan_fwd(x: Tensor, dt: Tensor, A: Tensor, q: Tensor, k: Tensor, state0: Tensor | None, lift_refusal: bool
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """fla's chunked simple GLA forward with v = x * dt, log-decay g = dt * A, scale 1, state (b, h, V, K): (o,
+    final state, g's chunk-local cumsum pre-scaled to base 2, which the backward reads). `lift_refusal` is the
+    backward's (see `_scan_bwd`)."""
     from fla.ops.simple_gla.chunk import chunk_simple_gla_fwd
     from fla.ops.utils import chunk_local_cumsum
     from fla.ops.utils.constant import RCP_LN2
 
     # fla's kernels index their inputs as contiguous; under torch.compile inductor picks the strides it passes
-    q, k, v, g = (t.contiguous() for t in (q, k, v, g))
+    v, g = _values(x, dt), (dt.float() * A.float()).contiguous()
+    q, k = q.contiguous(), k.contiguous()
     with torch.cuda.device(q.device):
         g_cum = chunk_local_cumsum(g, chunk_size=_CHUNK, scale=RCP_LN2)
         o, ht = chunk_simple_gla_fwd(q, k, v, g=g_cum, scale=1.0, initial_state=state0, output_final_state=True,
                                      state_v_first=True, chunk_size=_CHUNK)
-    return o.to(q.dtype).contiguous(), ht.float().contiguous(), g_cum.float().contiguous()
+    return o.to(x.dtype).contiguous(), ht.float().contiguous(), g_cum.float().contiguous()
 
 
-@_gla_fwd.register_fake
-def _(q, k, v, g, state0, lift_refusal):
+@_scan_fwd.register_fake
+def _(x, dt, A, q, k, state0, lift_refusal):
     b, _, h, n = k.shape
-    return q.new_empty(v.shape), q.new_empty((b, h, v.size(-1), n), dtype=torch.float32), \
-        g.new_empty(g.shape, dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty((b, h, x.size(-1), n), dtype=torch.float32), \
+        dt.new_empty(dt.shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("omnimamba::gla_bwd", mutates_args=())
-def _gla_bwd(q: Tensor, k: Tensor, v: Tensor, g_cum: Tensor, state0: Tensor | None, do: Tensor,
-             dht: Tensor | None, lift_refusal: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """dq, dk, dv, dg and d(state0) (empty without a state0); `lift_refusal`: fla #640's Hopper refusal lifted
-    for this call (the verified shape, see `scan_backward`)."""
+@torch.library.custom_op("omnimamba::ssd_scan_bwd", mutates_args=())
+def _scan_bwd(x: Tensor, dt: Tensor, A: Tensor, q: Tensor, k: Tensor, g_cum: Tensor, state0: Tensor | None,
+              do: Tensor, dht: Tensor | None, lift_refusal: bool
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dx, d(dt), dA, dq, dk and d(state0) (empty without a state0); `lift_refusal`: fla #640's Hopper refusal
+    lifted for this call (the verified shape, see `scan_backward`). dt's and A's gradients sum in float32."""
     import fla.ops.common.chunk_o as chunk_o
     from fla.ops.simple_gla.chunk import chunk_simple_gla_bwd
     from fla.ops.utils import chunk_local_cumsum
 
-    q, k, v, g_cum = (t.contiguous() for t in (q, k, v, g_cum))
+    v = _values(x, dt)
+    q, k, g_cum = q.contiguous(), k.contiguous(), g_cum.contiguous()
     with torch.cuda.device(q.device), _refusal_lock:
         saved = chunk_o.TRITON_ABOVE_3_7_1
         chunk_o.TRITON_ABOVE_3_7_1 = saved or lift_refusal
@@ -137,44 +151,55 @@ def _gla_bwd(q: Tensor, k: Tensor, v: Tensor, g_cum: Tensor, state0: Tensor | No
                 scale=1.0, state_v_first=True, chunk_size=_CHUNK)
         finally:
             chunk_o.TRITON_ABOVE_3_7_1 = saved
-        dg = chunk_local_cumsum(dg, chunk_size=_CHUNK, reverse=True)
+        dg = chunk_local_cumsum(dg, chunk_size=_CHUNK, reverse=True).float()
+    dx, ddt, dA = _chain_values_and_decay(dv, dg, x, dt, A)
     dh0 = q.new_empty(0, dtype=torch.float32) if dh0 is None else dh0.float().contiguous()
-    return (dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(),
-            dg.float().contiguous(), dh0)
+    return dx, ddt, dA, dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dh0
 
 
-@_gla_bwd.register_fake
-def _(q, k, v, g_cum, state0, do, dht, lift_refusal):
+def _chain_values_and_decay(dv: Tensor, dg: Tensor, x: Tensor, dt: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of x (b, l, h, p), dt (b, l, h) and A (h) from those of v = x * dt and g = dt * A; the sums in
+    float32 (tests/test_ops_reference.py checks them against autograd on the CPU)."""
+    dv, dtf = dv.float(), dt.float()
+    dx = (dv * dtf[..., None]).to(x.dtype)
+    ddt = ((dv * x.float()).sum(-1) + dg.float() * A.float()).to(dt.dtype)
+    dA = (dg.float() * dtf).sum((0, 1)).to(A.dtype)
+    return dx.contiguous(), ddt.contiguous(), dA
+
+
+@_scan_bwd.register_fake
+def _(x, dt, A, q, k, g_cum, state0, do, dht, lift_refusal):
     # contiguous, as the real outputs are (empty_like would copy the inputs' strides, which inductor chooses)
     dh0 = q.new_empty(0 if state0 is None else state0.shape, dtype=torch.float32)
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            g_cum.new_empty(g_cum.shape, dtype=torch.float32), dh0)
+    return (x.new_empty(x.shape), dt.new_empty(dt.shape), A.new_empty(A.shape), q.new_empty(q.shape),
+            k.new_empty(k.shape), dh0)
 
 
-def _gla_setup(ctx, inputs, output):
-    q, k, v, _, state0, lift_refusal = inputs
+def _scan_setup(ctx, inputs, output):
+    x, dt, A, q, k, state0, lift_refusal = inputs
     ctx.lift_refusal, ctx.has_state0 = lift_refusal, state0 is not None
-    ctx.save_for_backward(q, k, v, output[2], state0)
+    ctx.save_for_backward(x, dt, A, q, k, output[2], state0)
 
 
-def _gla_backward(ctx, do, dht, _dg_cum):
-    q, k, v, g_cum, state0 = ctx.saved_tensors
-    dq, dk, dv, dg, dh0 = _gla_bwd(q, k, v, g_cum, state0, do, dht, ctx.lift_refusal)
-    return dq, dk, dv, dg, dh0 if ctx.has_state0 else None, None
+def _scan_backward(ctx, do, dht, _dg_cum):
+    x, dt, A, q, k, g_cum, state0 = ctx.saved_tensors
+    dx, ddt, dA, dq, dk, dh0 = _scan_bwd(x, dt, A, q, k, g_cum, state0, do, dht, ctx.lift_refusal)
+    return dx, ddt, dA, dq, dk, dh0 if ctx.has_state0 else None, None
 
 
-_gla_fwd.register_autograd(_gla_backward, setup_context=_gla_setup)
+_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup)
 
 
-def _gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state0: Tensor | None, verified: bool) -> tuple[Tensor, Tensor]:
-    """fla's chunked simple GLA, scale 1, state (b, h, V, K); `verified`: K zero-padded to VERIFIED_K and the
-    backward run with fla #640's refusal lifted."""
+def _gla(x: Tensor, dt: Tensor, A: Tensor, q: Tensor, k: Tensor, state0: Tensor | None, verified: bool
+         ) -> tuple[Tensor, Tensor]:
+    """fla's chunked simple GLA with v = x * dt, g = dt * A, scale 1, state (b, h, V, K); `verified`: K
+    zero-padded to VERIFIED_K and the backward run with fla #640's refusal lifted."""
     n = k.size(-1)
     if verified and n < VERIFIED_K:  # F.pad copies even when it adds nothing: only where there is something to add
         pad = (0, VERIFIED_K - n)
         q, k = F.pad(q, pad), F.pad(k, pad)
         state0 = None if state0 is None else F.pad(state0, pad)
-    y, final, _ = _gla_fwd(q, k, v, g, state0, verified)
+    y, final, _ = _scan_fwd(x, dt, A, q, k, state0, verified)
     return y, final[..., :n]
 
 
@@ -210,11 +235,9 @@ def scan(
     h = x.size(2)
     k = reference.heads_from_groups(B, h, dim=2).to(x.dtype)
     q = reference.heads_from_groups(C, h, dim=2).to(x.dtype)
-    v = (x * dt[..., None].to(x.dtype))
-    g = (dt * A.to(dt.dtype)).float()
     state0 = None if initial_state is None else initial_state.float()
     # state_v_first: fla's state is (b, h, V=headdim, K=d_state), our (b, h, p, n) layout.
-    y, final = _gla(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), state0, verified=verified)
+    y, final = _gla(x, dt, A, q.contiguous(), k.contiguous(), state0, verified=verified)
     if D is not None:
         y = y + (D.to(y.dtype)[:, None] * x)
     return y.to(x.dtype), final.float()

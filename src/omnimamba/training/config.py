@@ -165,8 +165,8 @@ class RunSection:
     loss_chunk: int = 0
     # sequences per task in one forward on a process (0: its whole share of the step); the rest accumulate
     micro_batch: int = 0
-    # run each backbone block's training forward + backward through torch.compile: verified on the reference
-    # kernels only (same gradients); refused on the GPU backend until its gradients match (compile_blocks)
+    # run each backbone block's training forward + backward through torch.compile (same gradients as eager: the
+    # reference kernels on a CPU, fla's on a GPU; the reference kernels on a GPU are refused, compile_blocks)
     compile: bool = False
 
 
