@@ -160,3 +160,26 @@ def test_bad_vq_architecture_values_are_named():
         VQConfig.shapes().replace(norm="batch")
     with pytest.raises(ValueError, match="VQConfig.encoder"):
         VQConfig.shapes().replace(encoder="vit")
+
+
+def test_a_tokenizer_trained_from_scratch_starts_from_its_seed_alone():
+    """reinit_vq_: the initial weights depend on the seed and the config, not on what the global RNG drew before
+    (a model of another shape); the global RNG is left where it was."""
+    from omnimamba.training.vq import reinit_vq_
+
+    cfg = VQConfig.shapes_local(ch=8, codebook_size=32, image_size=32)
+    torch.manual_seed(1)
+    a = VQModel(cfg)
+    torch.manual_seed(2)
+    torch.randn(1000)  # another backbone drew more numbers first
+    b = VQModel(cfg)
+    assert not torch.equal(a.quantize.embedding.weight, b.quantize.embedding.weight)
+    state = torch.get_rng_state()
+    reinit_vq_(a, 7), reinit_vq_(b, 7)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(7)
+    fresh = VQModel(cfg).state_dict()
+    for name, value in fresh.items():
+        assert torch.equal(a.state_dict()[name], value) and torch.equal(b.state_dict()[name], value), name
+    reinit_vq_(b, 8)
+    assert not torch.equal(a.quantize.embedding.weight, b.quantize.embedding.weight)

@@ -27,7 +27,7 @@ from .stages import apply_freeze_plan, freeze_summary, never_trained
 from .step import forward_backward, micro_splits, share
 from ..evaluation.curves import UNDERSTANDING_VQ_STAGE, VQ_STAGE
 from ..vision.vq import VQModel
-from .vq import load_into, save_vq, train_vq
+from .vq import load_into, reinit_vq_, save_vq, train_vq
 
 NO_DECAY = ("A_log", "D", "dt_bias", "norm", "bias", "embed", "pos_embed", "null_caption")
 
@@ -39,6 +39,8 @@ def _print(*args, **kwargs):
 GPU_LENGTH_MULTIPLE = 32
 # where a run keeps each tokenizer it trains, by its records' stage name
 TOKENIZER_FOLDERS = {VQ_STAGE: "vq", UNDERSTANDING_VQ_STAGE: "understanding-vq"}
+# a tokenizer trained from scratch starts from run.seed + this (training/vq.py, reinit_vq_)
+VQ_INIT_SEEDS = {VQ_STAGE: 0, UNDERSTANDING_VQ_STAGE: 1}
 
 
 class Trainer:
@@ -172,6 +174,7 @@ class Trainer:
             raise UserError("vq_train.steps > 0 trains the VQ on the Shapes world only; for real data set model.vq")
         if self.rank == 0:
             n = self.cfg.data.shapes.train_images
+            reinit_vq_(vq, self.cfg.run.seed + VQ_INIT_SEEDS[stage])
             r = train_vq(vq, lambda i: self.world.sample("train", i).image, n, v.steps, v.lr, v.batch,
                          seed=self.cfg.run.seed, device=self.device, progress=self.cfg.run.progress,
                          foreground_weight=v.foreground_weight, restart=v.restart,

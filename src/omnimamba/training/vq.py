@@ -28,6 +28,19 @@ def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, foreground_weight: f
     return err.mean()
 
 
+def reinit_vq_(vq: VQModel, seed: int) -> VQModel:
+    """Give `vq` the initial weights a VQModel of its config draws from `seed` alone (the global RNG is left as it
+    was), so a tokenizer trained from scratch does not depend on what was drawn before it: built inside the
+    model, its init followed the backbone's shape, and a wider conv (d_conv 4 -> 17) gave the quickstart a
+    tokenizer whose red, yellow and orange latents collapsed (round trip 77 %, red and yellow kept 0 %); the
+    same settings from seeds 0, 1, 2 kept every colour (round trip 99.0, 94.8, 93.8 %)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = VQModel(vq.config)
+    vq.load_state_dict(fresh.state_dict())
+    return vq
+
+
 def train_vq(vq: VQModel, images_of, n_images: int, steps: int, lr: float, batch: int, seed: int = 0,
              device="cpu", progress: bool = True, foreground_weight: float = 0.0,
              record=None, record_every: int = 10, restart: str = "dead", desc: str = "train VQ tokenizer") -> dict:
