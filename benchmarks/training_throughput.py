@@ -11,7 +11,7 @@ token ids, the same optimizer and autocast; run at the batch OmniMamba fitted, a
 frozen DINOv2 + SigLIP forward. Tokens counted: every sequence position through the backbone.
 
     python benchmarks/training_throughput.py [--mmu-batch 3] [--t2i-batch 48] [--steps 8]
-        [--activation-checkpointing] [--loss-chunk 4096] [--compile]
+        [--activation-checkpointing [--checkpoint-blocks N]] [--loss-chunk 4096] [--compile]
     torchrun --nproc-per-node 2 benchmarks/training_throughput.py --strategy ddp|fsdp [...]
 
 Under torchrun (NCCL) every process runs the given batch on its GPU, the model wrapped as `omnimamba train`
@@ -119,6 +119,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward")
+    ap.add_argument("--checkpoint-blocks", type=int, default=0, help="with --activation-checkpointing: "
+                    "recompute the first N blocks only (run.checkpoint_blocks; the baseline recomputes all)")
     ap.add_argument("--loss-chunk", type=int, default=0, help="target positions per head + loss chunk (0: all)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each block (run.compile; the baseline "
                     "gets its decoder layers compiled too)")
@@ -133,7 +135,8 @@ def main() -> None:
                     "write its top-kernel table to FILE (under results/logs/)")
     args = ap.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    options = ", ".join([o for o, on in (("checkpointing", args.activation_checkpointing),
+    ckpt = f"checkpointing {args.checkpoint_blocks} blocks" if args.checkpoint_blocks else "checkpointing"
+    options = ", ".join([o for o, on in ((ckpt, args.activation_checkpointing),
                                          (f"loss chunk {args.loss_chunk}", args.loss_chunk),
                                          ("compiled blocks", args.compile),
                                          (f"{world} GPUs, {args.strategy}", world > 1),
@@ -185,6 +188,7 @@ def main() -> None:
         print(f"scan backward: {scan_backward}")
     model.train()
     model.backbone.gradient_checkpointing = args.activation_checkpointing
+    model.backbone.checkpoint_blocks = args.checkpoint_blocks
     model.loss_chunk = args.loss_chunk
     model.backbone.compile_blocks(args.compile)
     apply_freeze_plan(model, "stage2-unified")

@@ -107,6 +107,29 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert blocks[0] == before + 1
 
 
+def test_checkpointing_some_blocks_recomputes_those_alone_with_the_same_gradients():
+    torch.manual_seed(0)
+    model = OmniMamba(preset("shapes-tiny"), backend="reference").train()
+    plain, plain_grads = loss_and_grads(model)
+    n = len(model.backbone.layers)
+    assert n >= 2
+    first, last = count_calls(model.backbone.layers[0]), count_calls(model.backbone.layers[-1])
+    model.backbone.gradient_checkpointing, model.backbone.checkpoint_blocks = True, 1
+    again, grads = loss_and_grads(model)
+    assert (first[0], last[0]) == (2 * 2, 2)  # two tasks: the first block run twice each, the last once
+    torch.testing.assert_close(again["loss"], plain["loss"], rtol=0, atol=0)
+    assert_same_grads(grads, plain_grads, 1e-6)
+    model.backbone.checkpoint_blocks = n + 5  # more than there are: every block
+    assert model.backbone.n_recomputed() == n
+    model.backbone.gradient_checkpointing = False  # the count alone turns nothing on
+    assert model.backbone.n_recomputed() == 0
+
+
+def test_a_negative_block_count_is_refused_by_name():
+    with pytest.raises(UserError, match="run.checkpoint_blocks"):
+        config_from_dict({"run": {"checkpoint_blocks": -1}})
+
+
 def train_losses(out, batch=(2, 2), **run):
     config = config_from_dict({
         "model": {"preset": "shapes-tiny"}, "data": {"shapes": {"train_images": 32}},
@@ -122,8 +145,10 @@ def train_losses(out, batch=(2, 2), **run):
 def test_training_with_both_options_follows_the_plain_run(tmp_path):
     plain = train_losses(tmp_path / "plain")
     lean = train_losses(tmp_path / "lean", activation_checkpointing=True, loss_chunk=16)
+    some = train_losses(tmp_path / "some", activation_checkpointing=True, checkpoint_blocks=1)
     assert len(plain) == 3
     torch.testing.assert_close(torch.tensor(lean), torch.tensor(plain), rtol=1e-4, atol=0)
+    torch.testing.assert_close(torch.tensor(some), torch.tensor(plain), rtol=1e-4, atol=0)
 
 
 def test_micro_batches_accumulate_to_the_whole_batch(tmp_path):

@@ -158,6 +158,9 @@ class Mamba2Backbone(nn.Module):
     # Activation checkpointing per block in training: keep each block's input only and recompute the block in
     # the backward (memory: one block's activations instead of every block's, for about a third more compute).
     gradient_checkpointing: bool = False
+    # With checkpointing on: recompute the first N blocks only and keep the rest's activations (0: every block),
+    # trading memory for the recomputation's time where the whole model's activations do not fit.
+    checkpoint_blocks: int = 0
     # Decode steps without gradients run each block as three (up to 8 rows) or five fused kernels
     # (ops/fused_step.py) where the backend offers them and every layer fits; False keeps the unfused step (its
     # spec) everywhere.
@@ -215,13 +218,13 @@ class Mamba2Backbone(nn.Module):
         """inputs_embeds (b, l, d_model) -> final hidden states (b, l, d_model)."""
         hidden, residual = inputs_embeds, None
         training = cache is None and torch.is_grad_enabled()
-        recompute = self.gradient_checkpointing and training
+        recompute = self.n_recomputed() if training else 0
         if self.compiled and training:
             block, kernels = _compiled_block(), self._training_kernels()
         else:
             block, kernels = _eager_block, None
-        for layer in self.layers:
-            if recompute:
+        for i, layer in enumerate(self.layers):
+            if i < recompute:
                 hidden, residual = checkpoint(block, layer, hidden, residual, mask, task, kernels,
                                               use_reentrant=False)
             else:
@@ -230,6 +233,12 @@ class Mamba2Backbone(nn.Module):
         if cache is not None:
             cache.seqlen_offset += inputs_embeds.size(1)
         return out
+
+    def n_recomputed(self) -> int:
+        """How many blocks (the first ones) a training forward recomputes in the backward."""
+        if not self.gradient_checkpointing:
+            return 0
+        return min(self.checkpoint_blocks, len(self.layers)) if self.checkpoint_blocks > 0 else len(self.layers)
 
     def step(self, inputs_embeds: Tensor, cache: Mamba2Cache, task: str | None = None) -> Tensor:
         """inputs_embeds (b, d_model) -> final hidden state (b, d_model); advances the cache by one."""

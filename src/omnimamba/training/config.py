@@ -162,6 +162,7 @@ class RunSection:
     # memory options (same losses and gradients; README, Training): recompute each backbone block in the backward,
     # and apply the output heads + cross-entropy to target positions only, this many at a time (0: all at once)
     activation_checkpointing: bool = False
+    checkpoint_blocks: int = 0   # with activation_checkpointing: recompute the first N blocks only (0: every block)
     loss_chunk: int = 0
     # sequences per task in one forward on a process (0: its whole share of the step); the rest accumulate
     micro_batch: int = 0
@@ -219,6 +220,9 @@ class TrainConfig:
                             "around compiled blocks are untested): use strategy ddp, or compile: false")
         if self.run.micro_batch < 0:
             raise UserError(f"run.micro_batch must be >= 0 (0: the whole batch at once), got {self.run.micro_batch}")
+        if self.run.checkpoint_blocks < 0:
+            raise UserError("run.checkpoint_blocks must be >= 0 (0: recompute every block), got "
+                            f"{self.run.checkpoint_blocks}")
         if self.run.loss_chunk < 0:
             raise UserError(f"run.loss_chunk must be >= 0 (0: no chunking), got {self.run.loss_chunk}")
         for name in ("log_every", "ckpt_every"):

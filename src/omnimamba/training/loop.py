@@ -67,6 +67,7 @@ class Trainer:
         self.model = self._build_model().to(self.device)
         self.model.tokenizer = self.tokenizer
         self.model.backbone.gradient_checkpointing = config.run.activation_checkpointing
+        self.model.backbone.checkpoint_blocks = config.run.checkpoint_blocks
         self.model.loss_chunk = config.run.loss_chunk
         self.model.backbone.compile_blocks(config.run.compile)
         self.world = shapes_world(config) if config.data.source == "shapes" else None
