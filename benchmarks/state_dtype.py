@@ -33,7 +33,7 @@ STATES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def shapes_model(path: str, n_images: int, n_prompts: int, seeds: list[int], guidance: float, temperature: float,
-                 device: str) -> dict:
+                 device: str, epsilon: float = 0.0) -> dict:
     from omnimamba.data.shapes import ShapesConfig, ShapesWorld
     from omnimamba.evaluation.shapes_eval import evaluate_mmu, evaluate_t2i
     from omnimamba.model import OmniMamba
@@ -50,7 +50,7 @@ def shapes_model(path: str, n_images: int, n_prompts: int, seeds: list[int], gui
         scores, images[name] = [], []
         for seed in seeds:
             t2i, generated = evaluate_t2i(model, tok, world, "test", n_prompts, guidance_scale=guidance,
-                                          temperature=temperature, seed=seed)
+                                          temperature=temperature, seed=seed, epsilon=epsilon)
             scores.append(t2i["overall"])
             images[name] += [im for im, _ in generated]
         out[name] = {"mmu": mmu["accuracy"]["overall"], "t2i_per_seed": scores, "t2i_mean": statistics.mean(scores),
@@ -125,6 +125,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds")
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--temperature", type=float, default=1.0, help="image-code sampling temperature")
+    ap.add_argument("--epsilon", type=float, default=0.0, help="floor on a sampled code's conditional probability "
+                    "(run.eval_epsilon; configs/shapes-gpu.yaml uses 0.001)")
     ap.add_argument("--drift-preset", help="part 2 on this model preset, random weights (e.g. omnimamba-1.3b)")
     ap.add_argument("--drift-steps", type=int, default=256, help="image codes decoded (at most one image)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -133,9 +135,9 @@ def main() -> None:
     result = {"command": "python " + " ".join(sys.argv), "machine": machine(), "seeds": args.seeds}
     if args.model:
         result["shapes_model"] = {"model": args.model, "n_images": args.n_images, "n_prompts": args.n_prompts,
-                                  "guidance": args.guidance, "temperature": args.temperature,
+                                  "guidance": args.guidance, "temperature": args.temperature, "epsilon": args.epsilon,
                                   **shapes_model(args.model, args.n_images, args.n_prompts, args.seeds,
-                                                 args.guidance, args.temperature, args.device)}
+                                                 args.guidance, args.temperature, args.device, args.epsilon)}
     if args.drift_preset:
         d = logit_drift(args.drift_preset, args.drift_steps, args.device, seed=args.seeds[0])
         result["logit_drift"] = d

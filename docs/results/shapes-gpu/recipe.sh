@@ -36,7 +36,8 @@ for n in A B C; do
   fi
 done
 wait; echo "evaluation done at $(el) s"
-if [ -f runs/A/stage2-unified/config.json ]; then
+# SWEEP=0 skips the guidance sweep (the call's remaining time goes to whatever runs after this script)
+if [ -f runs/A/stage2-unified/config.json ] && [ "${SWEEP:-1}" != 0 ]; then
   timeout $(( ${BUDGET:-575} - $(el) )) python3 -m omnimamba.cli guidance --model runs/A/stage2-unified \
     --out runs/A/guidance.json "${SWEEP_ARGS[@]}" > runs/A.guidance.log 2>&1
 fi
