@@ -133,6 +133,55 @@ class DecodeClock:
         self.peak = torch.cuda.max_memory_allocated()
 
 
+# Kernel classes of a profiled step, first match wins (lower-case substrings of the kernel's name).
+KERNEL_CLASSES = (
+    ("matrix multiply", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "ampere_")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("SSM scan (fla chunk kernels)", ("chunk_", "gla", "recurrent", "ssd")),
+    ("causal conv", ("causal_conv", "conv1d", "conv_")),
+    ("optimizer", ("multi_tensor", "adam")),
+    ("cross-entropy / softmax", ("softmax", "cross_entropy", "nll_loss", "logsumexp")),
+    ("inductor fused (norms, glue)", ("triton_",)),
+    ("norms", ("rms", "layer_norm", "layernorm")),
+    ("copies and casts", ("copy", "cast", "memcpy", "memset", "fill")),
+)
+
+
+def kernel_breakdown(kernels: list[tuple[str, float]]) -> list[tuple[str, float, int]]:
+    """(kernel name, GPU microseconds) pairs summed by KERNEL_CLASSES, anything unmatched as "other elementwise and
+    reductions": (class, microseconds, kernels) rows, largest first."""
+    totals: dict[str, list] = {}
+    for name, us in kernels:
+        low = name.lower()
+        cls = next((c for c, keys in KERNEL_CLASSES if any(k in low for k in keys)),
+                   "other elementwise and reductions")
+        row = totals.setdefault(cls, [0.0, 0])
+        row[0] += us
+        row[1] += 1
+    return sorted(((c, us, n) for c, (us, n) in totals.items()), key=lambda r: -r[1])
+
+
+def profiled_kernels(prof) -> list[tuple[str, float]]:
+    """The GPU kernels of a torch.profiler run with their self GPU microseconds (CPU-side ops, which would count
+    their kernels a second time, left out)."""
+    out = []
+    for evt in prof.key_averages():
+        if "CUDA" not in str(getattr(evt, "device_type", "")):
+            continue
+        us = getattr(evt, "self_device_time_total", None)
+        out.append((evt.key, float(us if us is not None else evt.self_cuda_time_total)))
+    return out
+
+
+def breakdown_table(kernels: list[tuple[str, float]]) -> str:
+    rows = kernel_breakdown(kernels)
+    total = sum(us for _, us, _ in rows) or 1.0
+    lines = [f"{'kernel class':<36} {'GPU ms':>9} {'share':>7} {'kernels':>8}"]
+    lines += [f"{c:<36} {us / 1e3:>9.1f} {us / total:>7.1%} {n:>8}" for c, us, n in rows]
+    lines.append(f"{'total':<36} {total / 1e3:>9.1f}")
+    return "\n".join(lines)
+
+
 def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     """benchmarks/results/<name>.json, and a copy under $OUT when the device tool runs this."""
     return _write(out_dir or RESULTS, f"{name}.json", json.dumps(payload, indent=2) + "\n")

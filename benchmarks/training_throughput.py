@@ -92,7 +92,8 @@ def llama_step_fn(model, bm: int, bt: int, mmu_len: int, t2i_len: int):
     return step, bm * mmu_len + bt * t2i_len
 
 
-def profile_step(step, name: str, options: str, batch: tuple[int, int], rows: int = 30, write: bool = True) -> None:
+def profile_step(step, name: str, options: str, batch: tuple[int, int], rows: int = 30, write: bool = True,
+                 system: str = "OmniMamba 1.3B") -> None:
     """torch.profiler over one step after two warm-up steps: the kernels by total CUDA time (written and printed
     when `write`: under torchrun every process steps, rank 0 writes)."""
     from torch.profiler import ProfilerActivity, profile
@@ -106,9 +107,14 @@ def profile_step(step, name: str, options: str, batch: tuple[int, int], rows: in
     if not write:
         return
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
-    header = (f"# one OmniMamba 1.3B stage-2 step, batch {batch[0]} MMU : {batch[1]} T2I, options: {options}\n"
+    try:
+        classes = gc.breakdown_table(gc.profiled_kernels(prof))
+    except Exception as e:  # the breakdown is a summary of the table: never lose the table to it
+        classes = f"(kernel classes unavailable: {gc.failure(e)})"
+    header = (f"# one {system} stage-2 step, batch {batch[0]} MMU : {batch[1]} T2I, options: {options}\n"
               f"# python benchmarks/training_throughput.py ... --profile {name}\n")
-    gc.write_log(name, header + table)
+    gc.write_log(name, header + "\nGPU time by kernel class (every kernel of the step):\n" + classes + "\n\n" + table)
+    print(classes)
     print(table)
 
 
@@ -132,7 +138,8 @@ def main() -> None:
     ap.add_argument("--name", help="results/NAME.json (default: training_throughput, or "
                     "training_throughput_memory_options with a memory option)")
     ap.add_argument("--profile", metavar="FILE", help="also profile one OmniMamba step at the fitted batch and "
-                    "write its top-kernel table to FILE (under results/logs/)")
+                    "write its GPU time by kernel class and top-kernel table to FILE (under results/logs/); the "
+                    "baseline's step likewise to FILE with _llama before its suffix")
     args = ap.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ckpt = f"checkpointing {args.checkpoint_blocks} blocks" if args.checkpoint_blocks else "checkpointing"
@@ -226,6 +233,11 @@ def main() -> None:
                 for layer in llama.model.layers:
                     layer.compile()
             record("llama", lambda bm, bt: llama_step_fn(llama, bm, bt, mmu_len, t2i_len), [fitted])
+            if args.profile:  # the baseline's step too, beside ours: FILE with "_llama" before its suffix
+                stem, dot, suffix = args.profile.rpartition(".")
+                profile_step(llama_step_fn(llama, *fitted, mmu_len, t2i_len)[0],
+                             f"{stem}_llama.{suffix}" if dot else f"{args.profile}_llama", options, fitted,
+                             system="LLaMA ~1.3B baseline")
             if fitted != (bm, bt):
                 record("llama", lambda bm, bt: llama_step_fn(llama, bm, bt, mmu_len, t2i_len), [(bm, bt)])
 
