@@ -135,8 +135,8 @@ class DecodeClock:
 
 # Kernel classes of a profiled step, first match wins (lower-case substrings of the kernel's name).
 KERNEL_CLASSES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa")),  # before GEMMs: cuDNN's attention names sm90_ too
     ("matrix multiply", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "ampere_")),
-    ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("SSM scan (fla chunk kernels)", ("chunk_", "gla", "recurrent", "ssd")),
     ("causal conv", ("causal_conv", "conv1d", "conv_")),
     ("optimizer", ("multi_tensor", "adam")),

@@ -19,11 +19,13 @@ def test_kernels_are_summed_by_class_largest_first():
         ("causal_conv1d_bwd_kernel", 410.0),
         ("multi_tensor_apply_kernel<FusedAdamMathFunctor>", 90.0),
         ("void at::native::reduce_kernel<sum>", 5.0),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128", 4.0),
     ]
     rows = gc.kernel_breakdown(kernels)
     assert rows == [("matrix multiply", 1000.0, 2), ("SSM scan (fla chunk kernels)", 780.0, 2),
                     ("causal conv", 410.0, 1), ("inductor fused (norms, glue)", 320.0, 1), ("optimizer", 90.0, 1),
-                    ("copies and casts", 25.0, 1), ("other elementwise and reductions", 5.0, 1)]
+                    ("copies and casts", 25.0, 1), ("other elementwise and reductions", 5.0, 1),
+                    ("attention", 4.0, 1)]
     table = gc.breakdown_table(kernels).splitlines()
-    assert table[1].split()[-3:] == ["1.0", "38.0%", "2"]  # 1,000 us of 2,630 us
+    assert table[1].split()[-3:] == ["1.0", "38.0%", "2"]  # 1,000 us of 2,634 us
     assert table[-1].split() == ["total", "2.6"]
