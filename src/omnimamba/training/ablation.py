@@ -181,7 +181,7 @@ class Ablation:
         if given:
             return given
         from ..evaluation.curves import UNDERSTANDING_VQ_STAGE
-        from .loop import TOKENIZER_FOLDERS
+        from .inputs import TOKENIZER_FOLDERS
 
         folder = self.out / "shared" / TOKENIZER_FOLDERS[UNDERSTANDING_VQ_STAGE]
         return str(folder) if folder.is_dir() else None

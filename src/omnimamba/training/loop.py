@@ -22,12 +22,11 @@ from .parallel import shard_fsdp2, wrap_ddp
 from .config import StageConfig, TrainConfig
 from .metrics import MetricsLog
 from .optim import adamw
-from .data import (FileMMU, FileT2I, ShapesMMU, ShapesT2I, cached_codes, mmu_batch, shapes_world, t2i_batch)
+from .data import mmu_batch, shapes_world, t2i_batch
+from .inputs import TOKENIZER_FOLDERS, prepare_sources, prepare_tokenizers, written_by_rank0
 from .stages import apply_freeze_plan, freeze_summary, never_trained
 from .step import forward_backward, micro_splits, share
-from ..evaluation.curves import UNDERSTANDING_VQ_STAGE, VQ_STAGE
-from ..vision.vq import VQModel
-from .vq import load_into, reinit_vq_, save_vq, train_vq
+from .vq import load_into
 
 NO_DECAY = ("A_log", "D", "dt_bias", "norm", "bias", "embed", "pos_embed", "null_caption")
 
@@ -37,10 +36,6 @@ def _print(*args, **kwargs):
 
 
 GPU_LENGTH_MULTIPLE = 32
-# where a run keeps each tokenizer it trains, by its records' stage name
-TOKENIZER_FOLDERS = {VQ_STAGE: "vq", UNDERSTANDING_VQ_STAGE: "understanding-vq"}
-# a tokenizer trained from scratch starts from run.seed + this (training/vq.py, reinit_vq_)
-VQ_INIT_SEEDS = {VQ_STAGE: 0, UNDERSTANDING_VQ_STAGE: 1}
 
 
 class Trainer:
@@ -142,111 +137,15 @@ class Trainer:
         return nullcontext()
 
     def prepare_vq(self) -> None:
-        """Train the embedded default's VQ tokenizer if asked (and no checkpoint was given), and, where the
-        understanding encoder is a tokenizer encoder of another architecture (model.understanding.vq), a
-        tokenizer of that architecture for it, on the same images with the same settings."""
-        m, v = self.cfg.model, self.cfg.vq_train
-        if m.init:
-            return
-        if not m.vq and v.steps:
-            self._train_or_reuse_vq(self.model.vq, "VQ tokenizer", VQ_STAGE)
-            self._init_understanding()
-        own = self.model.config.understanding.vq
-        if own is None or not (m.understanding_vq or v.steps):
-            return
-        if m.understanding_vq:
-            vq = load_into(VQModel(own), m.understanding_vq, "model.understanding_vq")
-            self.log(f"understanding tokenizer: {m.understanding_vq}")
-        else:
-            vq = VQModel(own).to(self.device)
-            self._train_or_reuse_vq(vq, "understanding tokenizer", UNDERSTANDING_VQ_STAGE)
-        self.model.init_understanding_from_vq(vq)
-        self.log("understanding encoder: initialised from the understanding tokenizer's encoder (frozen)")
-
-    def _train_or_reuse_vq(self, vq, what: str, stage: str) -> None:
-        """Train `vq` on the training images and save it to its folder (TOKENIZER_FOLDERS[stage]; rank 0, the
-        others read it), or load the complete one a run left there."""
-        v, vq_dir = self.cfg.vq_train, self.out / TOKENIZER_FOLDERS[stage]
-        if not verify_manifest(vq_dir, required=True):
-            load_into(vq, vq_dir, what)
-            self.log(f"{what}: reusing {vq_dir}")
-            return
-        if self.world is None:
-            raise UserError("vq_train.steps > 0 trains the VQ on the Shapes world only; for real data set model.vq")
-        if self.rank == 0:
-            n = self.cfg.data.shapes.train_images
-            reinit_vq_(vq, self.cfg.run.seed + VQ_INIT_SEEDS[stage])
-            r = train_vq(vq, lambda i: self.world.sample("train", i).image, n, v.steps, v.lr, v.batch,
-                         seed=self.cfg.run.seed, device=self.device, progress=self.cfg.run.progress,
-                         foreground_weight=v.foreground_weight, restart=v.restart,
-                         record=lambda step, rec: self._log_metrics({"stage": stage, "step": step, **rec}, None),
-                         record_every=self.cfg.run.log_every, desc=f"train {what}")
-            save_vq(vq, vq_dir)
-            self.log(f"{what}: {v.steps} steps, reconstruction loss {r['final_recon_loss']:.4f}, saved to {vq_dir}")
-        if self.distributed:
-            dist.barrier()
-            self._written_by_rank0(vq_dir / "model.safetensors", f"the trained {what}")
-            load_into(vq, vq_dir, what)
-
-    def _written_by_rank0(self, path: Path, what: str) -> None:
-        """Every rank reads what rank 0 wrote under run.out: over several nodes that needs a shared filesystem."""
-        if not path.exists():
-            raise UserError(f"rank {self.rank}: {what} ({path}), written by rank 0, is not visible here: when training "
-                            "over several nodes, put run.out (and data.codes_cache) on a filesystem every node shares")
-
-    def _init_understanding(self) -> None:
-        if self.model.init_understanding_from_vq():
-            self.log("understanding encoder: initialised from the trained VQ tokenizer's encoder (frozen)")
+        """The run's tokenizers, trained or reused (training/inputs.py)."""
+        prepare_tokenizers(self)
 
     def prepare_data(self) -> None:
-        c = self.cfg
-        needs_mmu = any(s.batch[0] for s in c.stages)
-        needs_t2i = any(s.batch[1] for s in c.stages)
-        cache = Path(c.data.codes_cache) if c.data.codes_cache else self.out / "codes.safetensors"
-        vq_size = self.model.config.vq.image_size
-        if c.data.source == "shapes":
-            n = c.data.shapes.train_images
-            if needs_mmu:
-                self.mmu_source = ShapesMMU(self.world, n, c.run.seed, c.data.shapes.max_turns,
-                                            c.data.shapes.balance_existence)
-            if needs_t2i:
-                plain = c.data.shapes.t2i_plain
-                images_of = ((lambda i: self.world.plain_image("train", i)) if plain
-                             else (lambda i: self.world.sample("train", i).image))
-                codes = self._codes(images_of, n, cache, f"shapes seed={c.data.shapes.seed} "
-                                    f"size={c.data.shapes.image_size}{' plain' if plain else ''}")
-                self.t2i_source = ShapesT2I(self.world, n, codes, c.run.seed)
-        else:
-            from ..data.formats import load_image, read_coco_captions
+        """The run's MMU and T2I sources, image codes cached (training/inputs.py)."""
+        prepare_sources(self)
 
-            if needs_mmu:
-                self.mmu_source = FileMMU(c.data.llava, c.data.image_root, self.model.config.understanding.image_size,
-                                          c.data.skip_bad)
-                self._report_skipped("MMU", self.mmu_source.skipped)
-            if needs_t2i:
-                read = read_coco_captions(c.data.coco, c.data.image_root, skip_bad=c.data.skip_bad)
-                self._report_skipped("T2I", read.skipped)
-                samples = read.samples
-                images = sorted({s.image for s in samples})  # COCO has several captions per image: encode once
-                row = {p: i for i, p in enumerate(images)}
-                codes = self._codes(lambda i: load_image(images[i], vq_size), len(images), cache,
-                                    f"coco {Path(c.data.coco).resolve()}")
-                self.t2i_source = FileT2I(samples, codes, [row[s.image] for s in samples])
-
-    def _codes(self, images_of, n, cache, source_id):
-        if self.rank == 0:
-            codes = cached_codes(self.model.vq, images_of, n, cache, progress=self.cfg.run.progress,
-                                 source_id=source_id)
-        if self.distributed:
-            dist.barrier()
-            if self.rank != 0:
-                self._written_by_rank0(Path(cache).with_suffix(".json"), "the image-code cache")
-                codes = cached_codes(self.model.vq, images_of, n, cache, progress=False, source_id=source_id)
-        return codes
-
-    def _report_skipped(self, what: str, skipped: list[str]) -> None:
-        if skipped:
-            self.log(f"{what} data: skipped {len(skipped)} bad sample(s) (data.skip_bad is on); first: {skipped[0]}")
+    def _written_by_rank0(self, path: Path, what: str) -> None:
+        written_by_rank0(self.rank, path, what)
 
     # --- the loop -----------------------------------------------------------------------------------
     def _optimizer(self, model) -> torch.optim.Optimizer:
