@@ -218,13 +218,10 @@ class TrainConfig:
         if self.run.compile and self.run.strategy == "fsdp":
             raise UserError("run.compile is not supported with run.strategy fsdp yet (FSDP2's per-block hooks "
                             "around compiled blocks are untested): use strategy ddp, or compile: false")
-        if self.run.micro_batch < 0:
-            raise UserError(f"run.micro_batch must be >= 0 (0: the whole batch at once), got {self.run.micro_batch}")
-        if self.run.checkpoint_blocks < 0:
-            raise UserError("run.checkpoint_blocks must be >= 0 (0: recompute every block), got "
-                            f"{self.run.checkpoint_blocks}")
-        if self.run.loss_chunk < 0:
-            raise UserError(f"run.loss_chunk must be >= 0 (0: no chunking), got {self.run.loss_chunk}")
+        for name, zero in (("micro_batch", "the whole batch at once"), ("checkpoint_blocks", "recompute every block"),
+                           ("loss_chunk", "no chunking")):
+            if getattr(self.run, name) < 0:
+                raise UserError(f"run.{name} must be >= 0 (0: {zero}), got {getattr(self.run, name)}")
         for name in ("log_every", "ckpt_every"):
             if getattr(self.run, name) < 1:
                 raise UserError(f"run.{name} must be >= 1")
