@@ -168,8 +168,7 @@ def profiled_kernels(prof) -> list[tuple[str, float]]:
     for evt in prof.key_averages():
         if "CUDA" not in str(getattr(evt, "device_type", "")):
             continue
-        us = getattr(evt, "self_device_time_total", None)
-        out.append((evt.key, float(us if us is not None else evt.self_cuda_time_total)))
+        out.append((evt.key, float(evt.self_device_time_total)))
     return out
 
 

@@ -350,10 +350,10 @@ def test_balanced_existence_questions_are_half_yes_and_keep_one_negative_per_exa
 
 
 def test_a_rank_that_cannot_see_rank_0s_files_names_the_shared_filesystem(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, [{"name": "stage2-unified", "steps": 1, "batch": [1, 1]}]), log=quiet)
-    trainer.rank = 1  # as on a second node whose run.out is not rank 0's
-    with pytest.raises(UserError, match="filesystem every node shares"):
-        trainer._written_by_rank0(tmp_path / "codes.json", "the image-code cache")
+    from omnimamba.training.inputs import written_by_rank0
+
+    with pytest.raises(UserError, match="filesystem every node shares"):  # rank 1 on a node without rank 0's run.out
+        written_by_rank0(1, tmp_path / "codes.json", "the image-code cache")
 
 
 def test_optimizer_state_is_saved_by_parameter_name_and_older_index_keyed_checkpoints_still_load():

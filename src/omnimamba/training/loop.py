@@ -23,7 +23,7 @@ from .config import StageConfig, TrainConfig
 from .metrics import MetricsLog
 from .optim import adamw
 from .data import mmu_batch, shapes_world, t2i_batch
-from .inputs import TOKENIZER_FOLDERS, prepare_sources, prepare_tokenizers, written_by_rank0
+from .inputs import TOKENIZER_FOLDERS, prepare_sources, prepare_tokenizers
 from .stages import apply_freeze_plan, freeze_summary, never_trained
 from .step import forward_backward, micro_splits, share
 from .vq import load_into
@@ -143,9 +143,6 @@ class Trainer:
     def prepare_data(self) -> None:
         """The run's MMU and T2I sources, image codes cached (training/inputs.py)."""
         prepare_sources(self)
-
-    def _written_by_rank0(self, path: Path, what: str) -> None:
-        written_by_rank0(self.rank, path, what)
 
     # --- the loop -----------------------------------------------------------------------------------
     def _optimizer(self, model) -> torch.optim.Optimizer:
