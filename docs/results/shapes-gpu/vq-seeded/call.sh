@@ -3,7 +3,7 @@
 # bfloat16 decode state against the float32 one on a model that draws well (3 sampling seeds, the recipe's epsilon).
 T0=$(date +%s)
 python3 -m pip install --no-deps --no-index .wheels/*.whl -q 2>&1 | tail -2
-(while [ ! -f runs/A/stage2-unified/config.json ]; do sleep 5; done; sleep 3
+(while [ ! -f runs/A/stage2-unified/config.json ]; do sleep 5; [ $(( $(date +%s) - T0 )) -gt 560 ] && exit; done; sleep 3
  PYTHONPATH=src timeout $(( ${CALL_LIMIT:-585} - ($(date +%s) - T0) )) python3 benchmarks/state_dtype.py \
    --model runs/A/stage2-unified --n-images 100 --n-prompts 96 --seeds 0 1 2 --guidance 2 --epsilon 0.001 \
    --out $OUT/state_dtype_shapes_gpu.json > $OUT/state_dtype_shapes_gpu.log 2>&1) &
