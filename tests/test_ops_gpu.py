@@ -214,30 +214,6 @@ def test_fla_scan_gradients_match_a_float64_reference(dtype, tol, n, p, g):
         assert rel(got, want) < tol, (name, rel(got, want))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("b,l,h,p", [(2, 149, 8, 64), (1, 7, 3, 48), (3, 64, 32, 128)])
-def test_scan_chain_kernel_matches_its_torch_spec(dtype, b, l, h, p):
-    """The scan op's chain rule in one Triton pass (ops/scan_chain.py) against `fla._chain_values_and_decay`,
-    the torch spec with the same float32 arithmetic: rows off the kernel's 64-row tile, headdim off a power of
-    two, x strided as in_proj's slice is."""
-    from omnimamba.ops.scan_chain import chain_values_and_decay
-
-    gen = torch.Generator(device="cuda").manual_seed(7)
-    x = torch.randn(b, l, h, p + 5, generator=gen, device="cuda").to(dtype)[..., 5:]
-    dv = torch.randn(b, l, h, p, generator=gen, device="cuda").to(dtype)
-    dt = torch.rand(b, l, h, generator=gen, device="cuda") + 0.1
-    dg = torch.randn(b, l, h, generator=gen, device="cuda")
-    A = -torch.rand(h, generator=gen, device="cuda") - 0.5
-    got = chain_values_and_decay(dv, dg, x, dt, A)
-    want = fla_backend._chain_values_and_decay(dv, dg, x, dt, A)
-    for name, g, w in zip(("dx", "ddt", "dA"), got, want):
-        assert g.dtype == w.dtype and g.shape == w.shape and g.is_contiguous(), name
-        # the same float32 products; only the order of the headdim sum may differ
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=name)
-    with pytest.raises(ValueError, match="chain rule shapes"):
-        chain_values_and_decay(dv[:, 1:], dg, x, dt, A)
-
-
 def test_fla_scan_backward_outside_the_verified_sizes_falls_back_to_the_reference():
     if fla_backend.scan_backward(128, 64) != "fla-verified":
         pytest.skip("fla's scan backward is not refused on this GPU / Triton (fla #640 does not apply)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import re
 import threading
 import warnings
@@ -153,24 +152,14 @@ def _scan_bwd(x: Tensor, dt: Tensor, A: Tensor, q: Tensor, k: Tensor, g_cum: Ten
         finally:
             chunk_o.TRITON_ABOVE_3_7_1 = saved
         dg = chunk_local_cumsum(dg, chunk_size=_CHUNK, reverse=True).float()
-    dx, ddt, dA = _chain(dv, dg, x, dt, A)
+    dx, ddt, dA = _chain_values_and_decay(dv, dg, x, dt, A)
     dh0 = q.new_empty(0, dtype=torch.float32) if dh0 is None else dh0.float().contiguous()
     return dx, ddt, dA, dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dh0
 
 
-def _chain(dv: Tensor, dg: Tensor, x: Tensor, dt: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """`_chain_values_and_decay` in one Triton pass (ops/scan_chain.py; tests/test_ops_gpu.py holds it to this
-    spec); OMNIMAMBA_SCAN_CHAIN=torch runs the spec instead."""
-    if os.environ.get("OMNIMAMBA_SCAN_CHAIN", "triton") == "torch":
-        return _chain_values_and_decay(dv, dg, x, dt, A)
-    from .scan_chain import chain_values_and_decay
-
-    return chain_values_and_decay(dv, dg, x, dt, A)
-
-
 def _chain_values_and_decay(dv: Tensor, dg: Tensor, x: Tensor, dt: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of x (b, l, h, p), dt (b, l, h) and A (h) from those of v = x * dt and g = dt * A; the sums in
-    float32 (tests/test_ops_reference.py checks them against autograd on the CPU). The spec of `_chain`."""
+    float32 (tests/test_ops_reference.py checks them against autograd on the CPU)."""
     dv, dtf = dv.float(), dt.float()
     dx = (dv * dtf[..., None]).to(x.dtype)
     ddt = ((dv * x.float()).sum(-1) + dg.float() * A.float()).to(dt.dtype)
