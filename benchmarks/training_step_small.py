@@ -3,10 +3,11 @@ the first steps (compiling), each step's forward + backward and optimizer step t
 the trainer runs them, the step at 2x and 4x the batch, and a torch.profiler table of three steps (CPU time
 against GPU time: a step whose CPU time exceeds its GPU time is bound by launching kernels).
 
-    python benchmarks/training_step_small.py [--steps 12] [--images 4096] [--set KEY=VALUE ...]
+    python benchmarks/training_step_small.py [--steps 12] [--images 4096] [--set KEY=VALUE ...] [--scales 1 1 2 4]
+        [--no-profile] [--name training_step_small]
 
 A short tokenizer (30 steps) and 4,096 training images keep the set-up short; they do not change the step's
-shapes. Writes benchmarks/results/training_step_small.json and logs/training_profile_shapes_small.txt (or under
+shapes. Writes benchmarks/results/NAME.json and logs/training_profile_shapes_small.txt (or under
 $OUT when set). The measurements in benchmarks/results/logs/training_step_shapes_small_h200.log were taken with the
 script this one was made from (which also compared building batches on a second thread, since dropped).
 """
@@ -47,6 +48,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="steps timed one by one (the first ones compile)")
     ap.add_argument("--images", type=int, default=4096)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
+    ap.add_argument("--scales", type=int, nargs="+", default=[1, 1, 2, 4],
+                    help="batch multiples timed in steady state, 8 steps each")
+    ap.add_argument("--no-profile", action="store_true", help="skip the profiled steps")
+    ap.add_argument("--name", default="training_step_small", help="the JSON's name under results/")
     a = ap.parse_args()
     sets = ["run.out=/tmp/training_step_small", "vq_train.steps=30", f"data.shapes.train_images={a.images}",
             "run.progress=false", *a.set]
@@ -75,8 +80,8 @@ def main() -> None:
         res["steps"].append({"step": step, "forward_backward_s": fb, "optimizer_s": o, "positions": tokens})
         print(f"step {step}: forward + backward {fb * 1e3:.1f} ms, optimizer {o * 1e3:.1f} ms, {tokens} positions",
               flush=True)
-    first = a.steps
-    for scale in (1, 1, 2, 4):
+    first, tokens_x1 = a.steps, None
+    for scale in a.scales:
         big = dataclasses.replace(stage, batch=(stage.batch[0] * scale, stage.batch[1] * scale))
         for step in range(first, first + 2):  # a new batch size compiles first
             tr._forward_backward(tr.model, step, big)
@@ -90,9 +95,16 @@ def main() -> None:
         dt = (time.perf_counter() - t) / 8
         first += 10
         res.setdefault(f"step_s_batch_x{scale}", []).append(dt)
+        tokens_x1 = tokens if scale == 1 else tokens_x1
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else 0.0
         print(f"batch x{scale}: {dt * 1e3:.1f} ms per step, {tokens / dt:.0f} positions/s, peak {peak:.1f} GiB",
               flush=True)
+    if tokens_x1:
+        res["positions_per_s_x1"] = [tokens_x1 / t for t in res["step_s_batch_x1"]]
+    if a.no_profile:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{a.name}.json").write_text(json.dumps(res, indent=1))
+        return
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -107,7 +119,7 @@ def main() -> None:
     (RESULTS / "logs").mkdir(parents=True, exist_ok=True)
     (RESULTS / "logs" / "training_profile_shapes_small.txt").write_text(
         f"# python benchmarks/training_step_small.py {' '.join(a.set)}: 3 steps on {res['device']}\n{table}")
-    (RESULTS / "training_step_small.json").write_text(json.dumps(res, indent=1))
+    (RESULTS / f"{a.name}.json").write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
