@@ -271,6 +271,37 @@ def test_plot_reads_a_resumed_run_and_names_a_missing_file(tmp_path, capsys):
     assert "no metrics.jsonl" in capsys.readouterr().err
 
 
+def test_runs_compare_by_the_examples_each_task_has_seen(tmp_path, capsys):
+    from omnimamba.evaluation.curves import examples_seen
+
+    stages = [{"name": "stage1-mmu", "steps": 10, "batch": [4, 0]}, {"name": "stage1-t2i", "steps": 5, "batch": [0, 8]},
+              {"name": "stage2-unified", "steps": 3, "batch": [2, 6]}]
+    rows = [{"stage": "vq-tokenizer", "step": 0, "recon_loss": 1.0},
+            {"stage": "stage1-mmu", "step": 9, "mmu_loss": 2.0, "eval_mmu": 0.3},
+            {"stage": "stage1-t2i", "step": 0, "t2i_loss": 5.0},
+            {"stage": "stage2-unified", "step": 1, "mmu_loss": 1.0, "t2i_loss": 4.0, "eval_mmu": 0.5, "eval_t2i": 0.1}]
+    # stage 2's second step: 10 x 4 + 2 x 2 MMU examples, 5 x 8 + 2 x 6 T2I examples; the tokenizer's row dropped
+    assert [(r["seen_mmu"], r["seen_t2i"]) for r in examples_seen(rows, stages)] == [(40, 0), (40, 8), (44, 52)]
+    with pytest.raises(UserError, match="stage 'stage9'"):
+        examples_seen([{"stage": "stage9", "step": 0}], stages)
+
+    runs = []
+    for n, scale in enumerate((1, 4)):  # two runs, the second at four times the batch
+        run = tmp_path / f"run{n}"
+        run.mkdir()
+        big = [{**st, "batch": [b * scale for b in st["batch"]]} for st in stages]
+        (run / "train_config.json").write_text(json.dumps({"stages": big, "run": {}}))
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        runs.append(str(run))
+    assert main(["plot", *runs, "--out", str(tmp_path / "both.png")]) == 0
+    assert (tmp_path / "both.png").stat().st_size > 10_000
+    assert main(["plot", *runs, "--by", "step"]) == 2
+    assert "--by examples" in capsys.readouterr().err
+    (tmp_path / "run1" / "train_config.json").unlink()
+    assert main(["plot", *runs, "--out", str(tmp_path / "x.png")]) == 2
+    assert "no train_config.json" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
 def test_cli_rejects_bad_config_before_work(tmp_path, capsys):
     rc = main(["train", "--set", "stages.0.name=stage9", "--set", f"run.out={tmp_path / 'x'}"])
     assert rc == 2 and "unknown stage 'stage9'" in capsys.readouterr().err

@@ -11,9 +11,15 @@ from .errors import UserError
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .evaluation.curves import plot_run
+    from .evaluation.curves import plot_run, plot_runs
 
-    print(f"wrote {plot_run(args.run, args.out, smoothing=args.smoothing)}")
+    by = args.by or ("step" if len(args.run) == 1 else "examples")
+    if by == "step" and len(args.run) > 1:
+        raise UserError("plot --by step draws one run; several runs compare --by examples (their batches may differ)")
+    if by == "step":
+        print(f"wrote {plot_run(args.run[0], args.out, smoothing=args.smoothing)}")
+    else:
+        print(f"wrote {plot_runs(args.run, args.out or 'runs_compared.png', smoothing=args.smoothing)}")
     return 0
 
 
@@ -102,9 +108,13 @@ def add_parser(sub) -> None:
     epsilon_arg(p, "--epsilons", many=True)
     p.set_defaults(func=cmd_guidance)
 
-    p = sub.add_parser("plot", help="training curves of a run (losses per task, validation scores) as a PNG")
-    p.add_argument("run", help="the run's directory (run.out), holding metrics.jsonl")
-    p.add_argument("--out", help="PNG to write (default: RUN/curves.png)")
+    p = sub.add_parser("plot", help="training curves of a run (losses per task, validation scores) as a PNG; "
+                                    "of several runs against examples seen")
+    p.add_argument("run", nargs="+", help="the run's directory (run.out), holding metrics.jsonl; several: "
+                                          "compared against the examples each task has seen")
+    p.add_argument("--by", choices=("step", "examples"), help="x axis: the run's steps (one run's default) or the "
+                   "examples each task has seen (several runs'; needs each run's train_config.json)")
+    p.add_argument("--out", help="PNG to write (default: RUN/curves.png, or runs_compared.png for several runs)")
     p.add_argument("--smoothing", type=positive_int, default=5,
                    help="moving average over this many logged points (default: 5)")
     p.set_defaults(func=cmd_plot)

@@ -2,7 +2,8 @@
 # Issue 11 on one GPU: configs/shapes-gpu.yaml as committed (run A; VARIANTS=1 adds two learning rates beside it),
 # then the full evaluation and a guidance sweep of A. Results land in $OUT/runs.tgz. SMOKE=1: a CPU rehearsal.
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
-OUT=${OUT:-/tmp/recipe_out}; mkdir -p $OUT runs; [ -n "$SMOKE" ] && rm -rf runs/[ABC]*
+OUT=${OUT:-/tmp/recipe_out}; mkdir -p $OUT runs; [ -n "$SMOKE" ] && [ -z "$RESUME" ] && rm -rf runs/[ABC]*
+[ -z "$RESUME" ] && rm -f runs/[ABC].log
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 TRAIN_LIMIT=${TRAIN_LIMIT:-445}; EVAL_LIMIT=${EVAL_LIMIT:-75}
 # RECIPE_SET: more training overrides for every run, e.g. RECIPE_SET="--set model.overrides.backbone.d_conv=17"
@@ -18,9 +19,11 @@ fi
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null
 python3 -c "import torch, sys; print(sys.version.split()[0], torch.__version__)"
 SEED=${SEED:-0}
+# RESUME=1: continue runs/A from its newest checkpoint (a run longer than one device call, over calls on a warm
+# machine: RECIPE_SET="--set stages.2.steps=2400 --set run.ckpt_every=200"); the log is appended to
 start() { name=$1; shift
-  setsid nohup timeout $TRAIN_LIMIT python3 -m omnimamba.cli train --config configs/shapes-gpu.yaml \
-    --set run.out=runs/$name --set run.seed=$SEED --set run.progress=false "${EXTRA[@]}" "$@" > runs/$name.log 2>&1 < /dev/null & }
+  setsid nohup timeout $TRAIN_LIMIT python3 -m omnimamba.cli train --config configs/shapes-gpu.yaml ${RESUME:+--resume} \
+    --set run.out=runs/$name --set run.seed=$SEED --set run.progress=false "${EXTRA[@]}" "$@" >> runs/$name.log 2>&1 < /dev/null & }
 start A
 [ -n "$VARIANTS" ] && { start B --set stages.2.lr=2e-3; start C --set stages.2.lr=3e-3; }
 while pgrep -f "omnimamba.cli train" > /dev/null; do

@@ -1,6 +1,7 @@
-"""Training curves of a run directory: `omnimamba plot RUN_DIR` reads the run's metrics.jsonl and draws the
-tokenizer's reconstruction loss, each task's training loss and the validation scores against steps, the
-stages laid end to end, into one PNG."""
+"""Training curves: `omnimamba plot RUN_DIR` reads the run's metrics.jsonl and draws the tokenizer's
+reconstruction loss, each task's training loss and the validation scores against steps, the stages laid end to
+end, into one PNG; `omnimamba plot RUN_DIR RUN_DIR ...` (or `--by examples`) draws several runs' losses and
+scores against the examples each task has seen, so that runs of different batch sizes compare."""
 
 from __future__ import annotations
 
@@ -59,8 +60,41 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
     return (c[idx] - c[lo]) / (idx - lo)
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None, smoothing: int = 5) -> Path:
-    """Draw the run's curves; returns the PNG's path (default RUN_DIR/curves.png)."""
+def read_stages(run_dir: str | Path) -> list[dict]:
+    """The stages (name, steps, batch) of the run's train_config.json, which `omnimamba train` writes at its start."""
+    path = Path(run_dir) / "train_config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no train_config.json (`omnimamba train` writes it into run.out at its start); "
+                        f"runs compare by examples seen, which needs each stage's batch")
+    try:
+        return [{"name": s["name"], "steps": int(s["steps"]), "batch": list(s["batch"])}
+                for s in json.loads(path.read_text())["stages"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: not a training config ({e})") from None
+
+
+def examples_seen(records: list[dict], stages: list[dict]) -> list[dict]:
+    """The model stages' records, each with `seen_mmu` and `seen_t2i`: the examples of each task trained on once
+    its step is done (every step of the stages before it, in the config's order, plus this stage's steps so far
+    times its batch; batches are global, whatever the processes or micro-batches)."""
+    before, total, batch = {}, [0, 0], {}
+    for s in stages:
+        before[s["name"]], batch[s["name"]] = list(total), s["batch"]
+        total = [total[i] + s["steps"] * s["batch"][i] for i in (0, 1)]
+    out = []
+    for r in records:
+        if r.get("stage") in TOKENIZER_STAGES:
+            continue
+        if r.get("stage") not in batch:
+            raise UserError(f"metrics name stage {r.get('stage')!r}, which the run's train_config.json does not "
+                            f"(stages: {list(batch)})")
+        done = int(r["step"]) + 1
+        out.append({**r, "seen_mmu": before[r["stage"]][0] + done * batch[r["stage"]][0],
+                    "seen_t2i": before[r["stage"]][1] + done * batch[r["stage"]][1]})
+    return out
+
+
+def _pyplot():
     try:
         import matplotlib
 
@@ -68,6 +102,50 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, smoothing: int 
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("plotting needs matplotlib: pip install 'omnimamba[plot]'") from None
+    return plt
+
+
+COMPARED = (("eval_mmu", "mmu", "validation MMU accuracy"), ("eval_t2i", "t2i", "validation T2I score, guided"),
+            ("mmu_loss", "mmu", "MMU training loss (per answer token)"),
+            ("t2i_loss", "t2i", "T2I training loss (per image code)"))
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path, smoothing: int = 5) -> Path:
+    """Several runs' validation scores and training losses against the examples each task has seen (log axis),
+    one colour a run, into `out`."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for n, run in enumerate(run_dirs):
+        rows = examples_seen(read_metrics(run), read_stages(run))
+        colour = f"C{n % 10}"
+        for ax, (key, task, title) in zip(axes.flat, COMPARED):
+            pts = sorted((r[f"seen_{task}"], r[key]) for r in rows if r.get(key) is not None and r[f"seen_{task}"])
+            if pts:
+                x, y = np.array([p[0] for p in pts]), np.array([p[1] for p in pts], dtype=float)
+                if key.startswith("eval"):
+                    ax.plot(x, y, "o-", color=colour, markersize=4, label=str(run))
+                else:
+                    ax.plot(x, smooth(y, smoothing), color=colour, alpha=0.8, label=str(run))
+            ax.set_title(title, fontsize=10)
+    for ax, (key, task, _) in zip(axes.flat, COMPARED):
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{task.upper()} examples seen")
+        ax.grid(alpha=0.3)
+        if key.startswith("eval"):
+            ax.set_ylim(0, 1)
+        else:
+            ax.set_yscale("log")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None, smoothing: int = 5) -> Path:
+    """Draw the run's curves; returns the PNG's path (default RUN_DIR/curves.png)."""
+    plt = _pyplot()
     records = read_metrics(run_dir)
     offsets = stage_offsets(records)
     out = Path(out) if out else Path(run_dir) / "curves.png"

@@ -13,7 +13,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
+
+from omnimamba.evaluation import curves
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parents[1]
@@ -26,34 +28,13 @@ RUNS = {  # label: (folders, colour); each folder holds metrics.jsonl, its train
                                                       "tab:blue"),
     "GPU recipe at 6f043da (stopped at step ~1,000)": (["shapes-gpu/vq-seeded"], "tab:cyan"),
 }
-TASKS = {"mmu": 0, "t2i": 1}
-
-
-def train_config(folder: Path) -> dict:
-    for f in (folder / "train_config.json", folder.parent / "train_config.json"):
-        if f.exists():
-            return json.loads(f.read_text())
-    raise FileNotFoundError(f"no train_config.json in {folder} or above it")
 
 
 def examples_seen(folder: Path) -> list[dict]:
-    """Each metrics row with the examples of each task seen once its step is done (stages in config order)."""
-    stages = train_config(folder)["stages"]
-    before, offset = {}, {"mmu": 0, "t2i": 0}
-    for s in stages:
-        before[s["name"]] = dict(offset)
-        for task, i in TASKS.items():
-            offset[task] += s["steps"] * s["batch"][i]
-    batch = {s["name"]: s["batch"] for s in stages}
-    rows = []
-    for line in (folder / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["stage"] not in batch:
-            continue  # the tokenizers' rows
-        for task, i in TASKS.items():
-            r[f"seen_{task}"] = before[r["stage"]][task] + (r["step"] + 1) * batch[r["stage"]][i]
-        rows.append(r)
-    return rows
+    """The run's metrics rows with the examples each task has seen (omnimamba.evaluation.curves); a seed's
+    folder may keep its train_config.json one level up."""
+    config_dir = folder if (folder / "train_config.json").exists() else folder.parent
+    return curves.examples_seen(curves.read_metrics(folder), curves.read_stages(config_dir))
 
 
 def main() -> None:
