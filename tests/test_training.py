@@ -306,6 +306,27 @@ def test_cli_rejects_bad_config_before_work(tmp_path, capsys):
     rc = main(["train", "--set", "stages.0.name=stage9", "--set", f"run.out={tmp_path / 'x'}"])
     assert rc == 2 and "unknown stage 'stage9'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    # a --stage the config does not have used to train the tokenizers, then run nothing
+    rc = main(["train", "--config", "configs/shapes-tiny.yaml", "--stage", "stage2", "--set", f"run.out={tmp_path / 'x'}"])
+    assert rc == 2 and "['stage1-mmu', 'stage1-t2i', 'stage2-unified']" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_train_tokenizers_only_stops_before_the_stages_and_a_later_run_reuses_them(tmp_path):
+    small = ["data.shapes.train_images=16", "vq_train.steps=2", "vq_train.batch=4", "run.progress=false",
+             "run.tensorboard=false", "run.eval_images=0", "run.eval_prompts=0"]
+    sets = [a for kv in small + [f"run.out={tmp_path / 'tok'}"] for a in ("--set", kv)]
+    assert main(["train", "--config", "configs/shapes-tiny.yaml", "--tokenizers-only", *sets]) == 0
+    made = sorted(p.name for p in (tmp_path / "tok").iterdir())
+    assert {"vq", "understanding-vq", "codes.safetensors"} <= set(made), made
+    assert not any(p.startswith("stage") or p == "checkpoints" for p in made), made
+    reuse = small + [f"run.out={tmp_path / 'run'}", f"model.vq={tmp_path / 'tok' / 'vq'}",
+                     f"model.understanding_vq={tmp_path / 'tok' / 'understanding-vq'}",
+                     "stages.0.steps=1", "stages.1.steps=1", "stages.2.steps=1", "stages.2.batch=[2,2]"]
+    assert main(["train", "--config", "configs/shapes-tiny.yaml", "--stage", "stage2-unified",
+                 *[a for kv in reuse for a in ("--set", kv)]]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in rows} == {"stage2-unified"}  # no tokenizer trained again
 
 
 def test_the_same_training_code_runs_on_real_formats(tmp_path):

@@ -64,8 +64,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training.loop import Trainer
 
     config = load_train_config(args.config, args.set or [])
+    names = [s.name for s in config.stages]
+    unknown = [s for s in args.stage or [] if s not in names]
+    if unknown:
+        raise UserError(f"--stage {unknown[0]}: not a stage of this config; its stages are {names}")
+    if args.tokenizers_only and args.stage:
+        raise UserError("--tokenizers-only runs no stage; drop --stage")
     trainer = Trainer(config)
-    results = trainer.run(resume=args.resume, only=args.stage)
+    results = trainer.run(resume=args.resume, only=[] if args.tokenizers_only else args.stage)
     for stage, r in results.items():
         if r.get("mmu") or r.get("t2i"):
             print(f"{stage}: MMU {r.get('mmu', {}).get('accuracy', {}).get('overall', float('nan')):.1%}  "
@@ -226,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set stages.0.lr=1e-4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of run.out")
     p.add_argument("--stage", action="append", help="run only this stage (repeatable)")
+    p.add_argument("--tokenizers-only", action="store_true",
+                   help="train (or load) the tokenizers and cache the training images' codes into run.out, then "
+                        "stop; a later run reuses them (--set model.vq=OUT/vq --set model.understanding_vq=...)")
     p.set_defaults(func=cmd_train)
 
     for verb, text in (("serve", "an OpenAI-style HTTP API with continuous batching (FastAPI + uvicorn)"),

@@ -212,7 +212,7 @@ class Trainer:
                      f"where fla's launch configurations are pinned, minutes elsewhere); later runs reuse {cache}")
         results = {}
         for index, stage in enumerate(self.cfg.stages):
-            if only and stage.name not in only:
+            if only is not None and stage.name not in only:  # [] runs none: the tokenizers and data only
                 continue
             if start is not None and index < start["stage_index"]:
                 continue
