@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# issue 11, two device calls: configs/shapes-gpu.yaml with a longer stage 2 (STEPS, default 2000 against 1200). The
+# curves of docs/results/quickstart-cpu/budget show guided T2I still climbing at the recipe's 161 k examples
+# (77-83 % on validation); the issue allows 20 minutes of training, the recipe takes about 9.5.
+#   PART=1: the tokenizers alone (`omnimamba train --tokenizers-only`), timed; $OUT/tok.tgz holds them (no codes).
+#   PART=2 (carry runs/tok, unpacked from PART 1's tok.tgz): both stages with those tokenizers, then the
+#   evaluation at guidance 2; $OUT/runs.tgz. The run's training time is PART 1's plus PART 2's.
+set -uo pipefail
+T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
+export PYTHONPATH=src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+python3 -m pip install --no-deps --no-index .wheels/*.whl -q 2>&1 | tail -2
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+SEED=${SEED:-0}; STEPS=${STEPS:-2000}
+if [ "${PART:-1}" = 1 ]; then
+  python3 -m omnimamba.cli train --config configs/shapes-gpu.yaml --tokenizers-only --set run.out=runs/tok \
+    --set run.seed=$SEED --set run.progress=false > $OUT/tokenizers.log 2>&1
+  echo "tokenizers: rc $? at $(el) s"; tail -3 $OUT/tokenizers.log
+  tar czf $OUT/tok.tgz runs/tok/vq runs/tok/understanding-vq runs/tok/metrics.jsonl
+else
+  mkdir -p runs
+  timeout ${TRAIN_LIMIT:-500} python3 -m omnimamba.cli train --config configs/shapes-gpu.yaml --set run.out=runs/L \
+    --set run.seed=$SEED --set run.progress=false --set stages.2.steps=$STEPS \
+    --set model.vq=runs/tok/vq --set model.understanding_vq=runs/tok/understanding-vq > runs/L.log 2>&1
+  echo "training: rc $? at $(el) s"; grep -E "^eval" runs/L.log | tail -4
+  timeout ${EVAL_LIMIT:-70} python3 -m omnimamba.cli evaluate --model runs/L/stage2-unified --out runs/L/evaluation \
+    --n-images 100 --n-prompts 200 --guidance 2 > runs/L.eval.log 2>&1
+  echo "evaluation at $(el) s"; tail -12 runs/L.eval.log
+  tar czf $OUT/runs.tgz --exclude="*.safetensors" --exclude="*.pt" --exclude=checkpoints runs/L runs/L.log runs/L.eval.log
+fi
+echo "call total: $(el) s"
