@@ -42,12 +42,16 @@ def loss_and_grads(model, seed=0):
 
 
 def assert_same_grads(grads, reference, tol):
-    """Each parameter's gradient within `tol` of the reference's, relative to the reference's norm (parameters
-    whose true gradient is 0, as attention key biases, hold rounding noise elementwise)."""
+    """Each parameter's gradient within `tol` of the reference's, relative to the reference's norm. Parameters
+    whose true gradient is 0 (attention key biases, conv biases before a GroupNorm) hold rounding noise instead,
+    which scales with the gradients flowing past them: those are held elementwise to 1e-6 of the model's largest
+    gradient (the understanding encoder's first conv bias: 3.5e-8 apart, the largest gradient 0.62; every
+    parameter with a true gradient agrees to within 7e-6 relative)."""
     assert set(grads) == set(reference)
+    noise = 1e-6 * max(float(g.abs().max()) for g in reference.values())
     for name, g in grads.items():
         err = (g - reference[name]).norm() / reference[name].norm().clamp(min=1e-12)
-        assert err < tol or (g - reference[name]).abs().max() < 1e-8, (name, float(err))
+        assert err < tol or (g - reference[name]).abs().max() < noise, (name, float(err))
 
 
 def count_calls(module):

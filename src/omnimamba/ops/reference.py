@@ -160,16 +160,17 @@ def causal_conv(
     x (b, l, c); weight (c, k); bias (c,); initial_state (b, c, k): the last k inputs seen before x
     (zeros at the start). Returns the activated output (b, l, c) and the new state (b, c, k).
     """
-    k = weight.size(-1)
-    xt = x.transpose(1, 2)  # (b, c, l)
+    k, c = weight.size(-1), weight.size(0)
     if initial_state is None:
-        context = F.pad(xt, (k - 1, 0))
+        full = F.pad(x, (0, 0, k, 0))  # (b, k + l, c): zeros before the start
     else:
-        context = torch.cat([initial_state[..., 1:].to(xt.dtype), xt], dim=-1)
-    bias = bias.to(xt.dtype) if bias is not None else None
-    out = F.conv1d(context, weight[:, None, :].to(xt.dtype), bias, groups=weight.size(0))
-    full = torch.cat([initial_state.to(xt.dtype), xt], dim=-1) if initial_state is not None else F.pad(xt, (k, 0))
-    return F.silu(out).transpose(1, 2), full[..., -k:].contiguous()
+        full = torch.cat([initial_state.transpose(1, 2).to(x.dtype), x], dim=1)
+    context = full[:, 1:]  # (b, k - 1 + l, c), contiguous in c
+    # As a (b, c, 1, k - 1 + l) view it is channels-last, where the CPU's depthwise conv2d runs the conv
+    # with its backward 1.3-2x faster than conv1d on a (b, c, l) copy (benchmarks/conv_cpu.py)
+    bias = bias.to(x.dtype) if bias is not None else None
+    out = F.conv2d(context.permute(0, 2, 1).unsqueeze(2), weight[:, None, None, :].to(x.dtype), bias, groups=c)
+    return F.silu(out.squeeze(2).permute(0, 2, 1)), full[:, -k:].transpose(1, 2).contiguous()
 
 
 def conv_step(state: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
