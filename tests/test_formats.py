@@ -58,3 +58,25 @@ def test_unreadable_image(tmp_path):
         load_image(tmp_path / "x.png")
     with pytest.raises(DataError, match="image file not found"):
         load_image(tmp_path / "y.png")
+
+
+def test_picture_grid_makes_room_for_long_texts_and_cuts_past_its_line_limit(tmp_path):
+    """The quickstart's picture used to clip a long answer at a fixed 64-pixel text row (its fifth line half
+    drawn, the rest dropped): rows are now as tall as their longest text, up to `max_lines` lines, then '...'."""
+    import numpy as np
+    from PIL import Image
+
+    from omnimamba.data.formats import picture_grid
+
+    img = np.full((64, 64, 3), 200, np.uint8)
+    short, long_ = "prompt: a red square", "Q: how many triangles are there? A: zero. " * 4
+    sizes = {}
+    for name, texts in (("short", [short] * 2), ("long", [short, long_]), ("endless", [short, "word " * 300])):
+        picture_grid([(img, t) for t in texts], tmp_path / f"{name}.png", columns=2)
+        sheet = np.asarray(Image.open(tmp_path / f"{name}.png").convert("L"))
+        sizes[name] = sheet.shape[0]
+        assert (sheet[-6:] == 255).all(), name  # the bottom margin stays blank: no text clipped at the edge
+    assert sizes["short"] < sizes["long"] < sizes["endless"]
+    picture_grid([(img, "word " * 300)], tmp_path / "eight.png", max_lines=8)
+    picture_grid([(img, "word " * 3000)], tmp_path / "eight_more.png", max_lines=8)
+    assert Image.open(tmp_path / "eight.png").size == Image.open(tmp_path / "eight_more.png").size

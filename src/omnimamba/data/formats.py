@@ -209,8 +209,10 @@ def write_shapes_split(world, split: str, n: int, out: str | Path, grid: int = 1
             "captions": str(out / "captions.json"), "grid": str(out / "grid.png")}
 
 
-def picture_grid(items: list[tuple[np.ndarray, str]], path: str | Path, columns: int = 4, scale: int = 3) -> None:
-    """A grid of images, each with its text underneath (wrapped), saved as PNG."""
+def picture_grid(items: list[tuple[np.ndarray, str]], path: str | Path, columns: int = 4, scale: int = 3,
+                 max_lines: int = 8) -> None:
+    """A grid of images, each with its text underneath (wrapped; past `max_lines` lines cut with '...'), saved
+    as PNG. The text rows are as tall as the longest text needs."""
     import textwrap
 
     from PIL import Image, ImageDraw
@@ -219,13 +221,20 @@ def picture_grid(items: list[tuple[np.ndarray, str]], path: str | Path, columns:
         return
     h, w = items[0][0].shape[:2]
     cw, ch = w * scale, h * scale
-    text_h = 64
+    texts = []
+    for _, text in items:
+        lines = textwrap.wrap(text, width=max(10, cw // 6)) or [""]
+        if len(lines) > max_lines:
+            lines = lines[:max_lines - 1] + [textwrap.shorten(" ".join(lines[max_lines - 1:]), cw // 6 - 4,
+                                                               placeholder=" ...")]
+        texts.append("\n".join(lines))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_h = max(probe.multiline_textbbox((0, 0), t)[3] for t in texts) + 6
     rows = (len(items) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * (cw + 8) + 8, rows * (ch + text_h + 8) + 8), "white")
     draw = ImageDraw.Draw(sheet)
-    for k, (img, text) in enumerate(items):
+    for k, ((img, _), text) in enumerate(zip(items, texts)):
         x, y = 8 + (k % columns) * (cw + 8), 8 + (k // columns) * (ch + text_h + 8)
         sheet.paste(Image.fromarray(img).resize((cw, ch), Image.NEAREST), (x, y))
-        lines = textwrap.wrap(text, width=max(10, cw // 6))[:5]
-        draw.multiline_text((x, y + ch + 2), "\n".join(lines), fill="black")
+        draw.multiline_text((x, y + ch + 2), text, fill="black")
     sheet.save(path)
