@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from backbone_cpu import timed
 
 from omnimamba.ops.reference import causal_conv
 from omnimamba.training.ablation import machine
@@ -28,16 +28,6 @@ def conv1d_baseline(x, weight, bias):
     k = weight.size(-1)
     out = F.conv1d(F.pad(x.transpose(1, 2), (k - 1, 0)), weight[:, None, :], bias, groups=weight.size(0))
     return F.silu(out).transpose(1, 2)
-
-
-def median_ms(fn, repeat: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(samples)
 
 
 def main() -> None:
@@ -64,7 +54,7 @@ def main() -> None:
         times = {name: [] for name in runs}
         for _ in range(a.rounds):
             for name, fn in runs.items():
-                times[name].append(median_ms(fn, a.repeat))
+                times[name].append(timed(fn, a.repeat) * 1e3)
         base, ours = statistics.median(times["conv1d"]), statistics.median(times["channels-last"])
         rows.append({"shape": [b, l, c], "width": a.width, "conv1d_ms": base, "channels_last_ms": ours,
                      "speedup": base / ours, "rounds_ms": times})

@@ -221,12 +221,11 @@ def picture_grid(items: list[tuple[np.ndarray, str]], path: str | Path, columns:
         return
     h, w = items[0][0].shape[:2]
     cw, ch = w * scale, h * scale
-    texts = []
+    width, texts = max(10, cw // 6), []  # characters a line
     for _, text in items:
-        lines = textwrap.wrap(text, width=max(10, cw // 6)) or [""]
+        lines = textwrap.wrap(text, width=width) or [""]
         if len(lines) > max_lines:
-            lines = lines[:max_lines - 1] + [textwrap.shorten(" ".join(lines[max_lines - 1:]), cw // 6 - 4,
-                                                               placeholder=" ...")]
+            lines[max_lines - 1:] = [textwrap.shorten(" ".join(lines[max_lines - 1:]), width, placeholder=" ...")]
         texts.append("\n".join(lines))
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_h = max(probe.multiline_textbbox((0, 0), t)[3] for t in texts) + 6
