@@ -401,6 +401,38 @@ def test_balanced_existence_questions_are_half_yes_and_keep_one_negative_per_exa
     assert 0.2 < shares[False] < 0.3 and 0.45 < shares[True] < 0.55  # 1 "yes" : 3 "no", then 1 : 1
 
 
+def test_relation_share_trains_the_relation_caption_and_the_spatial_question_that_much_more_often():
+    from omnimamba.data.shapes import ShapesWorld, relation_caption
+    from omnimamba.training.data import ShapesMMU, ShapesT2I
+
+    world, n = ShapesWorld(seed=0), 400
+    codes = torch.arange(n)[:, None]
+    t2i = {s: ShapesT2I(world, n, codes, seed=1, relation_share=s) for s in (0.0, 0.5, 1.0)}
+    mmu = {s: ShapesMMU(world, n, seed=1, max_turns=4, relation_share=s) for s in (0.0, 1.0)}
+    plain_t2i, plain_mmu = ShapesT2I(world, n, codes, seed=1), ShapesMMU(world, n, seed=1, max_turns=4)
+    taken, scenes = [], 0
+    for i in range(2 * n):
+        sample = world.sample("train", i % n)
+        rel = relation_caption(sample.objects)
+        assert rel is None or rel == sample.captions[-1]
+        before = plain_t2i.example(i)[0]
+        assert t2i[0.0].example(i)[0] == before  # a share of 0 draws what the source always drew
+        assert t2i[1.0].example(i)[0] == (rel or before)
+        if rel:
+            scenes += 1
+            taken.append(t2i[0.5].example(i)[0] == rel)
+        turns, forced = mmu[0.0].example(i)[1], mmu[1.0].example(i)[1]
+        assert turns == plain_mmu.example(i)[1] and len(forced) == len(turns)
+        spatial = [(q.question, q.answer) for q in sample.questions if q.type == "spatial"]
+        assert set(spatial) <= set(forced) and len(set(forced) - set(turns)) <= len(spatial)
+    # relation scenes (4 captions) take theirs with probability 0.5 + 0.5 / 4 at a share of 0.5
+    assert scenes > 60 and abs(sum(taken) / scenes - 0.625) < 3 * (0.625 * 0.375 / scenes) ** 0.5
+    from omnimamba.training.config import ShapesSection
+
+    with pytest.raises(UserError, match="relation_share is a share of examples, from 0 to 1"):
+        ShapesSection(relation_share=1.5)
+
+
 def test_a_rank_that_cannot_see_rank_0s_files_names_the_shared_filesystem(tmp_path):
     from omnimamba.training.inputs import written_by_rank0
 

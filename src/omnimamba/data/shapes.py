@@ -200,12 +200,18 @@ def captions_for(objects: list[Shape]) -> list[str]:
     listing = join([noun_phrase(*g) for g in _group(objects)])
     caps = [listing, f"an image of {listing}", f"there is {listing}" if len(objects) == 1 or
             _group(objects)[0][2] == 1 else f"there are {listing}"]
-    if len(objects) == 2 and objects[0].name != objects[1].name:
-        a, b = objects
-        rel = relation(a, b)
-        if rel:
-            caps.append(f"{article(a.color)} {a.name} {RELATION_PHRASE[rel]} {article(b.color)} {b.name}")
-    return caps
+    rel = relation_caption(objects)
+    return caps + [rel] if rel else caps
+
+
+def relation_caption(objects: list[Shape]) -> str | None:
+    """'a red circle left of a blue square' for a scene of two differently named objects in a clear relation
+    (the last of its captions), else None."""
+    if len(objects) != 2 or objects[0].name == objects[1].name:
+        return None
+    a, b = objects
+    rel = relation(a, b)
+    return f"{article(a.color)} {a.name} {RELATION_PHRASE[rel]} {article(b.color)} {b.name}" if rel else None
 
 
 def _location(o: Shape, size: int) -> str:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..data.formats import DataError, images_to_tensor, load_image, read_llava
-from ..data.shapes import ShapesConfig, ShapesWorld
+from ..data.shapes import ShapesConfig, ShapesWorld, relation_caption
 from ..errors import UserError
 from ..fileio import read_json, read_safetensors, writing
 from ..sequence import MMUBatch, T2IBatch, mmu_example, t2i_prefix
@@ -30,12 +30,13 @@ class ShapesMMU:
     """Example i: training image i mod n and 1 to max_turns of its questions (distinct, in random order),
     drawn with a seeded generator. An image has one existence question answered "yes" and up to three
     answered "no" (POPE's random, popular and adversarial negatives); balance_existence keeps one of the three,
-    drawn per example, so "yes" and "no" are equally frequent in training."""
+    drawn per example, so "yes" and "no" are equally frequent in training. With relation_share, that share of
+    the examples whose image has a spatial question but did not draw it ask it in place of a drawn turn."""
 
     def __init__(self, world: ShapesWorld, n_images: int, seed: int = 0, max_turns: int = 1,
-                 balance_existence: bool = False):
+                 balance_existence: bool = False, relation_share: float = 0.0):
         self.world, self.n, self.seed, self.max_turns = world, n_images, seed, max_turns
-        self.balance_existence = balance_existence
+        self.balance_existence, self.relation_share = balance_existence, relation_share
 
     def example(self, index: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
         sample = self.world.sample("train", index % self.n)
@@ -51,6 +52,10 @@ class ShapesMMU:
         else:
             turns = int(rng.integers(1, min(self.max_turns, len(questions)) + 1))
             picks = rng.permutation(len(questions))[:turns].tolist()
+        if self.relation_share:  # drawn after the turns, so a share of 0 leaves every earlier draw as it was
+            spatial = [k for k, q in enumerate(questions) if q.type == "spatial" and k not in picks]
+            if spatial and rng.random() < self.relation_share:
+                picks[int(rng.integers(len(picks)))] = spatial[0]
         return sample.image, [(questions[k].question, questions[k].answer) for k in picks]
 
 
@@ -89,16 +94,22 @@ def mmu_batch(source, tokenizer, indices: list[int], multiple: int = 1) -> MMUBa
 
 # --- T2I ---------------------------------------------------------------------------------------------------
 class ShapesT2I:
-    """Example i: training image i mod n with one of its captions; its codes come from the code cache."""
+    """Example i: training image i mod n with one of its captions; its codes come from the code cache. With
+    relation_share, that share of the examples whose scene has a relation caption take it (the rest draw
+    uniformly among all the scene's captions, that one included)."""
 
-    def __init__(self, world: ShapesWorld, n_images: int, codes: Tensor, seed: int = 0):
+    def __init__(self, world: ShapesWorld, n_images: int, codes: Tensor, seed: int = 0, relation_share: float = 0.0):
         self.world, self.n, self.codes, self.seed = world, n_images, codes, seed
+        self.relation_share = relation_share
 
     def example(self, index: int) -> tuple[str, Tensor]:
         k = index % self.n
-        captions = self.world.sample("train", k).captions
+        sample = self.world.sample("train", k)
         rng = np.random.default_rng([self.seed, 29, index])
-        return captions[int(rng.integers(len(captions)))], self.codes[k]
+        caption = sample.captions[int(rng.integers(len(sample.captions)))]
+        if self.relation_share and rng.random() < self.relation_share:
+            caption = relation_caption(sample.objects) or caption
+        return caption, self.codes[k]
 
 
 class FileT2I:

@@ -97,14 +97,14 @@ def prepare_sources(t: Trainer) -> None:
         n = c.data.shapes.train_images
         if needs_mmu:
             t.mmu_source = ShapesMMU(t.world, n, c.run.seed, c.data.shapes.max_turns,
-                                     c.data.shapes.balance_existence)
+                                     c.data.shapes.balance_existence, c.data.shapes.relation_share)
         if needs_t2i:
             plain = c.data.shapes.t2i_plain
             images_of = ((lambda i: t.world.plain_image("train", i)) if plain
                          else (lambda i: t.world.sample("train", i).image))
             codes = _codes(t, images_of, n, cache, f"shapes seed={c.data.shapes.seed} "
                            f"size={c.data.shapes.image_size}{' plain' if plain else ''}")
-            t.t2i_source = ShapesT2I(t.world, n, codes, c.run.seed)
+            t.t2i_source = ShapesT2I(t.world, n, codes, c.run.seed, c.data.shapes.relation_share)
     else:
         from ..data.formats import load_image, read_coco_captions
 
