@@ -357,6 +357,7 @@ def test_quickstart_end_to_end_writes_its_report(tmp_path, capsys):
     for split in ("test", "heldout"):
         assert set(report[split]) == {"mmu", "t2i_guided", "t2i_unguided"}
         assert report[split]["t2i_guided"]["n"] == 48
+    assert report["vq_round_trip_heldout"]["n"] == 48 and 0 <= report["vq_round_trip_heldout"]["overall"] <= 1
     assert report["baselines"]["t2i_ground_truth"]["overall"] >= 0.99
     assert set(report["vq_colours_kept"]) <= set(COLORS) and all(0 <= v <= 1 for v in report["vq_colours_kept"].values())
     assert (tmp_path / "quickstart.png").stat().st_size > 0
