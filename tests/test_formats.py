@@ -80,3 +80,6 @@ def test_picture_grid_makes_room_for_long_texts_and_cuts_past_its_line_limit(tmp
     picture_grid([(img, "word " * 300)], tmp_path / "eight.png", max_lines=8)
     picture_grid([(img, "word " * 3000)], tmp_path / "eight_more.png", max_lines=8)
     assert Image.open(tmp_path / "eight.png").size == Image.open(tmp_path / "eight_more.png").size
+    # a row of short texts stays short beside a row with a long one: the long row alone grows
+    picture_grid([(img, short)] * 2 + [(img, long_), (img, short)], tmp_path / "rows.png", columns=2)
+    assert Image.open(tmp_path / "rows.png").size[1] == sizes["short"] + sizes["long"] - 8

@@ -212,7 +212,7 @@ def write_shapes_split(world, split: str, n: int, out: str | Path, grid: int = 1
 def picture_grid(items: list[tuple[np.ndarray, str]], path: str | Path, columns: int = 4, scale: int = 3,
                  max_lines: int = 8) -> None:
     """A grid of images, each with its text underneath (wrapped; past `max_lines` lines cut with '...'), saved
-    as PNG. The text rows are as tall as the longest text needs."""
+    as PNG. Each row's text is as tall as that row's longest text needs."""
     import textwrap
 
     from PIL import Image, ImageDraw
@@ -228,12 +228,14 @@ def picture_grid(items: list[tuple[np.ndarray, str]], path: str | Path, columns:
             lines[max_lines - 1:] = [textwrap.shorten(" ".join(lines[max_lines - 1:]), width, placeholder=" ...")]
         texts.append("\n".join(lines))
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_h = max(probe.multiline_textbbox((0, 0), t)[3] for t in texts) + 6
-    rows = (len(items) + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * (cw + 8) + 8, rows * (ch + text_h + 8) + 8), "white")
+    heights = [probe.multiline_textbbox((0, 0), t)[3] + 6 for t in texts]
+    tops = [8]  # each row's top: the rows above it, each as tall as its image and its longest text
+    for r in range(0, len(items), columns):
+        tops.append(tops[-1] + ch + max(heights[r:r + columns]) + 8)
+    sheet = Image.new("RGB", (columns * (cw + 8) + 8, tops[-1]), "white")
     draw = ImageDraw.Draw(sheet)
     for k, ((img, _), text) in enumerate(zip(items, texts)):
-        x, y = 8 + (k % columns) * (cw + 8), 8 + (k // columns) * (ch + text_h + 8)
+        x, y = 8 + (k % columns) * (cw + 8), tops[k // columns]
         sheet.paste(Image.fromarray(img).resize((cw, ch), Image.NEAREST), (x, y))
         draw.multiline_text((x, y + ch + 2), text, fill="black")
     sheet.save(path)
