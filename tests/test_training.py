@@ -404,6 +404,7 @@ def test_balanced_existence_questions_are_half_yes_and_keep_one_negative_per_exa
 
 def test_relation_share_trains_the_relation_caption_and_the_spatial_question_that_much_more_often():
     from omnimamba.data.shapes import ShapesWorld, relation_caption
+    from omnimamba.training.config import ShapesSection
     from omnimamba.training.data import ShapesMMU, ShapesT2I
 
     world, n = ShapesWorld(seed=0), 400
@@ -428,8 +429,6 @@ def test_relation_share_trains_the_relation_caption_and_the_spatial_question_tha
         assert set(spatial) <= set(forced) and len(set(forced) - set(turns)) <= len(spatial)
     # relation scenes (4 captions) take theirs with probability 0.5 + 0.5 / 4 at a share of 0.5
     assert scenes > 60 and abs(sum(taken) / scenes - 0.625) < 3 * (0.625 * 0.375 / scenes) ** 0.5
-    from omnimamba.training.config import ShapesSection
-
     with pytest.raises(UserError, match="relation_share is a share of examples, from 0 to 1"):
         ShapesSection(relation_share=1.5)
 
