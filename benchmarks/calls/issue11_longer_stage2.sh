@@ -3,9 +3,7 @@
 # curves of docs/results/quickstart-cpu/budget show guided T2I still climbing at the recipe's 161 k examples
 # (77-83 % on validation); the issue allows 20 minutes of training, the recipe takes about 9.5.
 #   PART=1: the tokenizers alone (`omnimamba train --tokenizers-only`), timed; $OUT/tok.tgz holds them (the code
-#     cache, 51 MB, stays in runs/tok for a PART 2 on the same warm machine). AB=1 then times a stage-2 step with
-#     the source tree in ab_old/src (untracked: `git archive 4ae8fa5 src | tar x -C ab_old`) against src, new / old
-#     / new, for issue 13's question whether the scan op of 104b185 or the machine slowed the recipe.
+#     cache, 51 MB, stays in runs/tok for a PART 2 on the same warm machine).
 #   PART=2 (carry runs/tok, unpacked from PART 1's tok.tgz): both stages with those tokenizers (RECIPE_SET: more
 #     --set overrides), then the evaluation at guidance 2 and, beside it, benchmarks/state_dtype.py on the model
 #     (issue 14: the bfloat16 decode state against the float32 one); $OUT/runs.tgz. The run's training time is
@@ -21,14 +19,6 @@ if [ "${PART:-1}" = 1 ]; then
     --set run.seed=$SEED --set run.progress=false > $OUT/tokenizers.log 2>&1
   echo "tokenizers: rc $? at $(el) s"; tail -3 $OUT/tokenizers.log
   tar czf $OUT/tok.tgz runs/tok/vq runs/tok/understanding-vq runs/tok/metrics.jsonl
-  if [ "${AB:-0}" = 1 ] && [ -d ab_old/src ]; then
-    for tree in src ab_old/src src; do
-      name=step_$(echo $tree | tr / _)_$(el)
-      PYTHONPATH=$tree timeout 150 python3 benchmarks/training_step_small.py --steps 3 --scales 1 1 --no-profile \
-        --name $name 2>&1 | grep -E "batch x|Error" | sed "s|^|$tree: |"
-    done
-    echo "A/B done at $(el) s"
-  fi
 else
   mkdir -p runs
   timeout ${TRAIN_LIMIT:-520} python3 -m omnimamba.cli train --config configs/shapes-gpu.yaml --set run.out=runs/L \
