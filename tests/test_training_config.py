@@ -73,6 +73,19 @@ def test_quickstart_config_equals_the_shipped_yaml():
     assert shipped == config_from_dict(QUICKSTART)
 
 
+def test_the_gpu_recipe_config_loads_and_its_model_builds():
+    """configs/shapes-gpu.yaml (no test trains it) passes the config checks, and its preset with its overrides
+    makes the model the README describes: 512 wide, 8 layers, 512 learned MMU positions, 256 codes per image."""
+    from pathlib import Path
+
+    from omnimamba.training.loop import _preset_with
+
+    cfg = load_train_config(Path(__file__).parent.parent / "configs" / "shapes-gpu.yaml")
+    model = _preset_with(cfg.model.preset, cfg.model.overrides)
+    assert (model.backbone.d_model, model.backbone.n_layer, model.mmu_positions, model.image_tokens) == (512, 8, 512, 256)
+    assert [s.name for s in cfg.stages] == ["stage1-mmu", "stage1-t2i", "stage2-unified"]
+
+
 def test_model_overrides_reach_the_sub_configs():
     from omnimamba.training.loop import _preset_with
 
