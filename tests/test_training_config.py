@@ -82,7 +82,8 @@ def test_the_gpu_recipe_config_loads_and_its_model_builds():
 
     cfg = load_train_config(Path(__file__).parent.parent / "configs" / "shapes-gpu.yaml")
     model = _preset_with(cfg.model.preset, cfg.model.overrides)
-    assert (model.backbone.d_model, model.backbone.n_layer, model.mmu_positions, model.image_tokens) == (512, 8, 512, 256)
+    shape = (model.backbone.d_model, model.backbone.n_layer, model.mmu_positions, model.image_tokens)
+    assert shape == (512, 8, 512, 256)
     assert [s.name for s in cfg.stages] == ["stage1-mmu", "stage1-t2i", "stage2-unified"]
 
 
