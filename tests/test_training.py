@@ -82,6 +82,28 @@ def test_resume_continues_bit_for_bit(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_resume_refuses_a_config_that_cannot_continue_the_run_and_names_what_changed(tmp_path):
+    """A config whose stage at the checkpoint's index is another one, or gives it fewer steps than the checkpoint
+    has run, is refused before anything is written (the run's train_config.json stays the one it started with);
+    a longer stage continues, and the log names each changed setting by its --set key."""
+    def stages(steps, name="stage2-unified", batch=(2, 2)):
+        return [{"name": name, "steps": steps, "lr": 0.005, "warmup": 2, "batch": list(batch)}]
+
+    Trainer(tiny_config(tmp_path, stages(6), ckpt_every=3), log=quiet).run()  # checkpoints at steps 2 and 5
+    started_with = (tmp_path / "train_config.json").read_text()
+    with pytest.raises(UserError, match=r"step 5 of 'stage2-unified', past the 4 steps .* stages\.0\.steps above 5"):
+        Trainer(tiny_config(tmp_path, stages(4), ckpt_every=3), log=quiet).run(resume=True)
+    with pytest.raises(UserError, match=r"'stage2-unified' \(stage 0\), but this config's stages are \['stage1-t2i'\]"):
+        Trainer(tiny_config(tmp_path, stages(6, "stage1-t2i", (0, 2)), ckpt_every=3), log=quiet).run(resume=True)
+    assert (tmp_path / "train_config.json").read_text() == started_with
+    lines = []
+    Trainer(tiny_config(tmp_path, stages(8), ckpt_every=3), log=lines.append).run(resume=True)
+    changed = next(line for line in lines if "settings changed" in line)
+    assert changed.endswith(": stages.0.steps: 6 -> 8")
+    assert any("resumed from" in line and "(step 5)" in line for line in lines)
+    assert json.loads((tmp_path / "train_config.json").read_text())["stages"][0]["steps"] == 8
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,7 +17,7 @@ from ..model import PRESETS, OmniMamba, preset
 from ..tokenizer import TextTokenizer
 from ..fileio import read_json, verify_manifest
 from . import faults
-from .checkpoint import load_checkpoint, newest_intact, optimizer_state, save_checkpoint
+from .checkpoint import load_checkpoint, newest_intact, optimizer_state, resume_check, save_checkpoint
 from .parallel import shard_fsdp2, wrap_ddp
 from .config import StageConfig, TrainConfig
 from .metrics import MetricsLog
@@ -196,12 +196,18 @@ class Trainer:
 
     def _run(self, resume: bool, only: list[str] | None) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.rank == 0:
-            (self.out / "train_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1, default=str))
         chosen = newest_intact(self.out / "checkpoints", self.log) if resume else None
         start = read_json(chosen / "state.json") if chosen else None
         if resume and not chosen:
             self.log(f"--resume: no intact checkpoint under {self.out / 'checkpoints'}; starting from the beginning")
+        config_file = self.out / "train_config.json"
+        if start is not None:
+            started_with = read_json(config_file, "the run's config") if config_file.is_file() else None
+            changed = resume_check(start, self.cfg.stages, started_with, self.cfg.to_dict())
+            if changed:
+                self.log(f"--resume: settings changed since {config_file} was written: " + "; ".join(changed))
+        if self.rank == 0:
+            config_file.write_text(json.dumps(self.cfg.to_dict(), indent=1, default=str))
         if self.rank == 0:
             self._cut_logs(start)
         self.prepare_vq()
