@@ -383,7 +383,10 @@ def test_quickstart_end_to_end_writes_its_report(tmp_path, capsys):
     assert report["baselines"]["t2i_ground_truth"]["overall"] >= 0.99
     assert set(report["vq_colours_kept"]) <= set(COLORS) and all(0 <= v <= 1 for v in report["vq_colours_kept"].values())
     assert (tmp_path / "quickstart.png").stat().st_size > 0
-    assert "chance baselines" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "chance baselines" in out
+    t2i = report["test"]["t2i_guided"], report["test"]["t2i_unguided"]  # each category, guided / unguided
+    assert f"position {t2i[0]['position']:.0%} / {t2i[1]['position']:.0%}" in out
 
 
 def test_multi_turn_mmu_examples_draw_distinct_questions_of_their_image():

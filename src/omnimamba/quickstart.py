@@ -68,9 +68,10 @@ def final_report(model, tokenizer, world, out: Path, n_images: int = 100, n_prom
             f"({', '.join(f'{k} {v:.0%}' for k, v in mmu['accuracy'].items() if k != 'overall')})")
         for kind, m in mmu["pope"].items():
             log(f"  POPE {kind:<12} acc {m['accuracy']:.1%}  F1 {m['f1']:.3f}  yes-ratio {m['yes_ratio']:.2f}")
-        kinds = ", ".join(f"{k} {t2i_cfg[k]:.0%}" for k in T2I_CATEGORIES if k in t2i_cfg)
+        # each category both ways: guidance can fix one kind of prompt and break another (relations, counts)
+        kinds = ", ".join(f"{k} {t2i_cfg[k]:.0%} / {t2i_plain[k]:.0%}" for k in T2I_CATEGORIES if k in t2i_cfg)
         log(f"  T2I score with guidance {guidance:g}: {t2i_cfg['overall']:.1%}   without: {t2i_plain['overall']:.1%}  "
-            f"({kinds})")
+            f"(with / without: {kinds})")
         log(f"  T2I failures of {t2i_cfg['n']} prompts, guided: {format_failures(t2i_cfg['failures'])}; "
             f"unguided: {format_failures(t2i_plain['failures'])}")
         if split == "test":
