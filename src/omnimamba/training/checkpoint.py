@@ -204,21 +204,21 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
 
 def resume_check(state: dict, stages: list, started_with: dict | None, now: dict) -> list[str]:
     """Refuse a checkpoint (its state.json) that this config's stages cannot continue; otherwise the settings
-    that differ from the config the run was started with (its train_config.json, if any), as 'key: old -> new'
-    in --set's key syntax, for the log."""
+    that differ from the config the run was started with (its train_config.json, if any; `now` as that file
+    would hold it), as 'key: old -> new' in --set's key syntax, for the log."""
     index, name, step = state["stage_index"], state["stage"], state["step"]
     names = [s.name for s in stages]
     if index >= len(stages) or names[index] != name:
-        raise UserError(f"--resume: the newest checkpoint is at step {step} of stage {name!r} (stage {index}), but this "
-                        f"config's stages are {names}: resume with the config the run was started with (run.out's "
-                        "train_config.json), or set run.out to a new folder")
+        raise UserError(f"--resume: the newest checkpoint is at step {step} of stage {name!r} (stage {index}), but "
+                        f"this config's stages are {names}: resume with the config the run was started with "
+                        "(run.out's train_config.json), or set run.out to a new folder")
     if step >= stages[index].steps:
         raise UserError(f"--resume: the newest checkpoint is at step {step} of {name!r}, past the "
                         f"{stages[index].steps} steps this config gives it: set stages.{index}.steps above {step}, "
                         "or set run.out to a new folder")
     if started_with is None:
         return []
-    before, after = _flat(started_with), _flat(json.loads(json.dumps(now, default=str)))
+    before, after = _flat(started_with), _flat(now)
     return [f"{k}: {before.get(k, '(unset)')} -> {after.get(k, '(unset)')}"
             for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
 

@@ -200,15 +200,16 @@ class Trainer:
         start = read_json(chosen / "state.json") if chosen else None
         if resume and not chosen:
             self.log(f"--resume: no intact checkpoint under {self.out / 'checkpoints'}; starting from the beginning")
-        config_file = self.out / "train_config.json"
+        config_file, config_text = self.out / "train_config.json", json.dumps(self.cfg.to_dict(), indent=1, default=str)
         if start is not None:
-            started_with = read_json(config_file, "the run's config") if config_file.is_file() else None
-            changed = resume_check(start, self.cfg.stages, started_with, self.cfg.to_dict())
+            # every rank refuses alike; rank 0 alone logs, so it alone reads the file it is about to rewrite
+            reads = self.rank == 0 and config_file.is_file()
+            started_with = read_json(config_file, "the run's config") if reads else None
+            changed = resume_check(start, self.cfg.stages, started_with, json.loads(config_text))
             if changed:
                 self.log(f"--resume: settings changed since {config_file} was written: " + "; ".join(changed))
         if self.rank == 0:
-            config_file.write_text(json.dumps(self.cfg.to_dict(), indent=1, default=str))
-        if self.rank == 0:
+            config_file.write_text(config_text)
             self._cut_logs(start)
         self.prepare_vq()
         self.prepare_data()
